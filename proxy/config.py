@@ -1,0 +1,525 @@
+"""Load and validate ``config.yaml`` into frozen dataclasses.
+
+Pure module: PyYAML, marshmallow and the standard library only (no docker, flask, loguru),
+so it can be imported and tested anywhere.
+
+Pipeline (``load_config_text``):
+  1. parse YAML with a safe loader that rejects duplicate keys and keeps dates as text;
+  2. expand ``${VAR}`` / ``${VAR:-default}`` in string values (see ``proxy.envsubst``);
+  3. validate with marshmallow schemas (``unknown = RAISE`` everywhere, so typos fail);
+  4. apply ``PROXY_LOG_LEVEL``.
+Every problem found is collected and raised together as one ``ConfigError``, one line
+each: ``"<source>: <dotted.key.path>: <message>"``, sorted by key path. No input, however
+malformed, produces anything but a ``Config`` or a ``ConfigError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import yaml
+from marshmallow import (RAISE, Schema, ValidationError, fields, post_load, pre_load, validate,
+                         validates_schema)
+
+from .envsubst import expand_tree
+
+__all__ = [
+    "Config", "ConfigError", "LOG_LEVELS", "Resources", "SERVICE_TYPES", "ServerConfig",
+    "ServiceConfig", "Timeouts", "Volume", "config_path", "load_config", "load_config_text",
+]
+
+# Per-type defaults; the keys are also the allowed values of `type`.
+SERVICE_TYPES = {"llama-cpp-server": {"container_port": 8080, "health_path": "/health"}}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_CONFIG_PATH = "config.yaml"
+
+
+class ConfigError(Exception):
+    """The config is unusable. ``errors`` holds one human-readable line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# ---------------------------------------------------------------- the configuration
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 600.0  # seconds between bytes from the backend, not for the whole reply
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: None | str | int | tuple[str, ...] = None  # None, "all", a count, or device ids
+    memory: str | None = None  # as written, e.g. "16g" (docker parses it)
+    cpus: float | None = None
+    shm_size: str | None = None
+
+
+@dataclass(frozen=True)
+class Volume:
+    host_path: str
+    container_path: str
+    mode: str = "rw"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    id: str
+    type: str
+    image: str
+    port: int
+    container_port: int
+    args: tuple[str, ...]
+    volumes: tuple[Volume, ...]
+    environment: tuple[tuple[str, str], ...]  # sorted by name, after ${VAR} expansion
+    resources: Resources
+    health_path: str
+    timeouts: Timeouts
+    stop_timeout: float
+
+    def to_dict(self, *, redact: bool = False) -> dict:
+        """A plain JSON-able dict: for hashing the config (redact=False) and for printing
+        summaries (redact=True replaces environment values, which may be secrets)."""
+        data = dataclasses.asdict(self)
+        data["args"] = list(self.args)
+        data["volumes"] = [dataclasses.asdict(volume) for volume in self.volumes]
+        data["environment"] = {name: "***" if redact else value for name, value in self.environment}
+        if isinstance(self.resources.gpus, tuple):
+            data["resources"]["gpus"] = list(self.resources.gpus)
+        return data
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 11000
+    log_level: str = "INFO"
+    container_prefix: str = "inference-proxy"  # containers are named <prefix>-<service id>
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    services: Mapping[str, ServiceConfig]  # read-only, in file order
+    source: str  # the file path (or a label) used in messages
+
+
+# ---------------------------------------------------------------- fields
+
+SERVICE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SIZE = r"\d+(\.\d+)?([kmg]b?|b)?\Z"  # the forms docker's parse_bytes accepts
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")  # an index or a GPU/MIG UUID
+
+SERVICE_ID_ERROR = ("Service id must be 1-63 characters of lowercase letters, digits, "
+                    "'-', '_' or '.', starting with a letter or digit.")
+ENV_NAME_ERROR = "Environment variable names must match [A-Za-z_][A-Za-z0-9_]*."
+GPUS_ERROR = "Must be 'all', a positive count, or a list of device ids."
+VOLUME_ERROR = "Must be 'HOST:CONTAINER[:ro|rw]' with absolute paths."
+SIZE_ERROR = "Must be a size like '16g': a number with an optional b, k, m or g suffix."
+UNKNOWN_FIELD = "Unknown field."
+LOG_LEVEL_ERROR = f"PROXY_LOG_LEVEL: Must be one of: {', '.join(LOG_LEVELS)}."
+PORT_RANGE = validate.Range(min=1, max=65535)
+
+
+def _as_int(value) -> int | None:
+    """An int from an int (not a bool) or from a string of digits, as ``${VAR}`` gives."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
+        return int(value)
+    return None
+
+
+class Int(fields.Integer):
+    """An integer. Rejects bools and floats; accepts digit strings so `port: ${PORT}` works."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        number = _as_int(value)
+        if number is None:
+            raise self.make_error("invalid")
+        return number
+
+
+class Text(fields.String):
+    """A string; YAML numbers and booleans are taken as text (8192 -> "8192", true -> "true"),
+    since users write `LLAMA_ARG_CTX_SIZE: 8192`."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            value = str(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Size(Text):
+    """A byte size like "16g", kept as written; a plain YAML number means bytes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(validate=validate.Regexp(SIZE, flags=re.IGNORECASE, error=SIZE_ERROR), **kwargs)
+
+
+class LogLevel(fields.String):
+    """One of LOG_LEVELS, in any case."""
+
+    def __init__(self, **kwargs):
+        super().__init__(validate=validate.OneOf(LOG_LEVELS), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return super()._deserialize(value, attr, data, **kwargs).upper()
+
+
+class Gpus(fields.Field):
+    """"all", a positive count, or a non-empty list of device ids (ints become strings)."""
+
+    default_error_messages = {"invalid": GPUS_ERROR}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and value.lower() == "all":
+            return "all"
+        count = _as_int(value)
+        if count is not None and count >= 1:
+            return count
+        if isinstance(value, list) and value:
+            ids = [item if _as_int(item) is None else str(item) for item in value]
+            if all(isinstance(i, str) and DEVICE_ID.fullmatch(i) for i in ids):
+                return tuple(ids)
+        raise self.make_error("invalid")
+
+
+class VolumeSpec(fields.Field):
+    """Docker's short form "HOST:CONTAINER[:ro|rw]"; whether HOST exists is checked at start."""
+
+    default_error_messages = {"invalid": VOLUME_ERROR}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        parts = value.split(":") if isinstance(value, str) else []
+        if len(parts) == 2:
+            parts.append("rw")
+        if len(parts) == 3 and parts[2] in ("ro", "rw") and all(p.startswith("/") for p in parts[:2]):
+            return Volume(*parts)
+        raise self.make_error("invalid")
+
+
+class KeyedDict(fields.Dict):
+    """A mapping whose errors sit under the user's own keys ("services.a.port").
+
+    marshmallow's Dict nests them under "key"/"value" markers, which would end up in the
+    dotted paths. A bad key's message goes on the key itself (under "_schema").
+    """
+
+    def __init__(self, key_pattern: re.Pattern, key_error: str, values: fields.Field, **kwargs):
+        super().__init__(values=values, **kwargs)
+        self.key_pattern, self.key_error = key_pattern, key_error
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, Mapping):
+            raise self.make_error("invalid")
+        result, errors = {}, {}
+        for key, raw in value.items():
+            key_ok = isinstance(key, str) and self.key_pattern.fullmatch(key)
+            messages = [] if key_ok else [self.key_error]
+            try:
+                result[key] = self.value_field.deserialize(raw, **kwargs)
+            except ValidationError as exc:
+                result[key] = exc.valid_data  # partial data, for the port cross-checks
+                messages = _merge_messages(messages, exc.messages)
+            if messages:
+                errors[key] = messages
+        if errors:
+            raise ValidationError(errors, valid_data=result)
+        return result
+
+
+def _merge_messages(key_messages: list, value_messages):
+    if not key_messages:
+        return value_messages
+    if isinstance(value_messages, dict):
+        merged = dict(value_messages)
+        merged["_schema"] = key_messages + list(merged.get("_schema", []))
+        return merged
+    return key_messages + list(value_messages)
+
+
+# ---------------------------------------------------------------- schemas
+
+
+class StrictSchema(Schema):
+    """Unknown keys are errors; an explicit null in an optional key means "the default"
+    (so an empty `resources:` or `server:` section is fine)."""
+
+    error_messages = {"type": "Not a valid mapping type.", "unknown": UNKNOWN_FIELD}
+
+    class Meta:
+        unknown = RAISE
+
+    @pre_load
+    def _null_means_default(self, data, **kwargs):
+        if not isinstance(data, Mapping):
+            return data  # marshmallow reports the wrong type
+        return {key: value for key, value in data.items()
+                if value is not None or key not in self.load_fields or self.load_fields[key].required}
+
+
+class TimeoutsSchema(StrictSchema):
+    connect = fields.Float(load_default=5.0, validate=validate.Range(min=0, min_inclusive=False))
+    read = fields.Float(load_default=600.0, validate=validate.Range(min=0, min_inclusive=False))
+
+    @post_load
+    def _build(self, data, **kwargs):
+        return Timeouts(**data)
+
+
+class ResourcesSchema(StrictSchema):
+    gpus = Gpus(load_default=None)
+    memory = Size(load_default=None)
+    cpus = fields.Float(load_default=None, validate=validate.Range(min=0, min_inclusive=False))
+    shm_size = Size(load_default=None)
+
+    @post_load
+    def _build(self, data, **kwargs):
+        return Resources(**data)
+
+
+class ServiceSchema(StrictSchema):
+    type = fields.String(required=True, validate=validate.OneOf(list(SERVICE_TYPES)))
+    image = fields.String(required=True, validate=validate.Regexp(
+        r"\S+\Z", error="Must be a non-empty image name without spaces."))
+    port = Int(required=True, validate=PORT_RANGE)
+    container_port = Int(validate=PORT_RANGE)  # default from SERVICE_TYPES
+    args = fields.List(Text(), load_default=())
+    volumes = fields.List(VolumeSpec(), load_default=())
+    environment = KeyedDict(ENV_NAME, ENV_NAME_ERROR, Text(), load_default=dict)
+    resources = fields.Nested(ResourcesSchema, load_default=Resources())
+    health_path = fields.String(validate=validate.Regexp(
+        r"/\S*\Z", error="Must be a path starting with '/'."))  # default from SERVICE_TYPES
+    timeouts = fields.Nested(TimeoutsSchema, load_default=Timeouts())
+    stop_timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0))
+
+    @post_load
+    def _fill_in(self, data, **kwargs):
+        """The keyword arguments of ServiceConfig except `id` (the key, known one level up)."""
+        for name, default in SERVICE_TYPES[data["type"]].items():
+            data.setdefault(name, default)
+        data["args"] = tuple(data["args"])
+        data["volumes"] = tuple(data["volumes"])
+        data["environment"] = tuple(sorted(data["environment"].items()))
+        return data
+
+
+class ServerSchema(StrictSchema):
+    host = fields.String(load_default="127.0.0.1", validate=validate.Regexp(
+        r"\S+\Z", error="Must be a host name or IP address."))
+    port = Int(load_default=11000, validate=PORT_RANGE)
+    log_level = LogLevel(load_default="INFO")
+    container_prefix = fields.String(load_default="inference-proxy", validate=validate.Regexp(
+        r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z",
+        error="Must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit."))
+
+    @post_load
+    def _build(self, data, **kwargs):
+        return ServerConfig(**data)
+
+
+class ConfigSchema(StrictSchema):
+    server = fields.Nested(ServerSchema, load_default=ServerConfig())
+    services = KeyedDict(SERVICE_ID, SERVICE_ID_ERROR, fields.Nested(ServiceSchema), load_default=dict)
+
+    @validates_schema(skip_on_field_errors=False)
+    def _ports_are_free(self, data, **kwargs):
+        """Each service needs its own host port, and not the proxy's. Runs even when other
+        fields failed (on whatever did load), so these errors come with the rest."""
+        server_port = _get(data.get("server"), "port")
+        users: dict[int, str] = {}
+        errors = {}
+        for service_id, service in (data.get("services") or {}).items():
+            port = _get(service, "port")
+            if port is None:
+                continue
+            if port == server_port:
+                errors[service_id] = {"port": [f"Port {port} is the proxy's own port (server.port)."]}
+            elif port in users:
+                errors[service_id] = {"port": [f"Port {port} is already used by service '{users[port]}'."]}
+            else:
+                users[port] = service_id
+        if errors:
+            raise ValidationError({"services": errors})
+
+    @post_load
+    def _build(self, data, **kwargs):
+        services = {sid: ServiceConfig(id=sid, **kw) for sid, kw in data["services"].items()}
+        return data["server"], services
+
+
+def _get(loaded, name):
+    """A field of a loaded dataclass, or of the partial dict marshmallow keeps on errors."""
+    if isinstance(loaded, Mapping):
+        return loaded.get(name)
+    return getattr(loaded, name, None)
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (YAML would silently keep the last one)."""
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        first_line: dict[tuple, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<` merges may legitimately repeat and be overridden
+            key = (key_node.tag, key_node.value)
+            if key in first_line:
+                raise yaml.composer.ComposerError(
+                    None, None, f"Duplicate key {_show(key_node.value)} (first defined on line "
+                    f"{first_line[key]}).", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return node
+
+    def construct_object(self, node, deep=False):
+        # Constructors can fail with plain exceptions (`!!int 0x`, a 5000-digit number);
+        # give them the node's position like any other YAML error.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise yaml.constructor.ConstructorError(None, None, str(exc), node.start_mark) from exc
+
+
+# No date fields in the config: keep `2024-01-01` as the text the user wrote.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and problem.startswith("but "):  # "but found another document"
+            problem = f"{exc.context}, {problem}"
+        problem = " ".join(problem.split())  # one line
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{source}: {where}{problem}"]) from None
+    except yaml.reader.ReaderError as exc:  # e.g. a control character; no mark, a position
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        problem = str(exc).splitlines()[0]
+        raise ConfigError([f"{source}: line {line}, column {column}: {problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: {' '.join(str(exc).split())}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: The document is nested too deeply."]) from None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config_text(text: str, source: str = DEFAULT_CONFIG_PATH,
+                     environ: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate config text. Raises ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    log_level = (environ.get("PROXY_LOG_LEVEL") or "").upper()  # empty counts as unset
+    env_errors = [LOG_LEVEL_ERROR] if log_level and log_level not in LOG_LEVELS else []
+    try:
+        server, services = _load_document(text, source, environ)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors + env_errors) from None
+    if env_errors:
+        raise ConfigError(env_errors)
+    if log_level:
+        server = dataclasses.replace(server, log_level=log_level)
+    return Config(server=server, services=types.MappingProxyType(services), source=source)
+
+
+def _load_document(text: str, source: str, environ: Mapping[str, str]):
+    """-> (ServerConfig, {id: ServiceConfig}), or ConfigError with the file's problems."""
+    document = _parse_yaml(text, source)
+    if document is None:  # an empty file: all defaults
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError([f"{source}: The top level must be a mapping with 'server' and 'services'."])
+    document, expansion_problems = expand_tree(document, environ)
+    problems = [(tuple(map(str, path)), message) for path, message in expansion_problems]
+    try:
+        loaded = ConfigSchema().load(document)
+    except ValidationError as exc:
+        problems = _merge_problems(problems, list(_flatten(exc.messages)))
+    if problems:
+        raise ConfigError([f"{source}: {_format_path(path)}{message}"
+                           for path, message in sorted(problems, key=_path_order)])
+    return loaded
+
+
+def load_config(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and load a config file. Raises ConfigError (also when the file can't be read)."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:  # -sig: tolerate a BOM from Windows editors
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError([f"{path}: cannot read config: {reason}"]) from None
+    return load_config_text(text, source=str(path), environ=environ)
+
+
+def config_path(cli_value: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The config file to use: --config, else $PROXY_CONFIG, else ./config.yaml."""
+    environ = os.environ if environ is None else environ
+    return cli_value or environ.get("PROXY_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def _merge_problems(expansion: list, schema: list) -> list:
+    """A value that failed to expand was validated as "" (to find the other problems): its
+    own schema errors are noise. "Unknown field." wins over expansion errors inside it."""
+    unexpanded = {path for path, _ in expansion}
+    unknown = {path for path, message in schema if message == UNKNOWN_FIELD}
+    expansion = [(path, message) for path, message in expansion
+                 if not any(path[:n] in unknown for n in range(1, len(path) + 1))]
+    schema = [(path, message) for path, message in schema
+              if path not in unexpanded or message == UNKNOWN_FIELD]
+    return expansion + schema
+
+
+def _flatten(messages, path: tuple = ()):
+    """marshmallow's nested error dict -> [(path, message)]; "_schema" means the path itself."""
+    if isinstance(messages, dict):
+        for key, sub in messages.items():
+            yield from _flatten(sub, path if key == "_schema" else path + (str(key),))
+    elif isinstance(messages, (list, tuple)):
+        for message in messages:
+            yield from _flatten(message, path)
+    else:
+        yield path, str(messages)
+
+
+def _path_order(problem):
+    """Sort by key path; list indices numerically (volumes.2 before volumes.10)."""
+    return [(0, len(c), c) if c.isascii() and c.isdigit() else (1, 0, c) for c in problem[0]]
+
+
+def _format_path(path: tuple) -> str:
+    return f"{'.'.join(map(_show_key, path))}: " if path else ""
+
+
+def _show_key(key: str) -> str:
+    return key if key.isprintable() else _show(key)
+
+
+def _show(text: str) -> str:
+    """Quote text for a one-line message (keys can hold newlines)."""
+    return repr(text) if not text.isprintable() else f"'{text}'"

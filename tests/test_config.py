@@ -1,0 +1,714 @@
+"""Tests for proxy.config: loading, defaults, every validation message, and fuzzing."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.config import (
+    Config,
+    ConfigError,
+    Resources,
+    ServerConfig,
+    ServiceConfig,
+    Timeouts,
+    Volume,
+    config_path,
+    load_config,
+    load_config_text,
+)
+from proxy.envsubst import expand
+
+FULL_EXAMPLE = """\
+server:
+  host: 127.0.0.1          # default 127.0.0.1
+  port: 11000              # default 11000
+  log_level: INFO          # DEBUG | INFO | WARNING | ERROR; env PROXY_LOG_LEVEL overrides
+services:
+  llama3:                  # service id
+    type: llama-cpp-server # the only type for now
+    image: ghcr.io/ggml-org/llama.cpp:server-cuda
+    port: 8081             # host port, published on 127.0.0.1; the proxy forwards here
+    container_port: 8080   # default per type (llama-cpp-server: 8080)
+    args: ["-m", "/models/llama3-8b.Q4_K_M.gguf", "--host", "0.0.0.0", "--port", "8080", "-ngl", "99"]
+    volumes:               # docker-style "HOST:CONTAINER[:ro|rw]", absolute paths
+      - /srv/models:/models:ro
+    environment:
+      LLAMA_ARG_CTX_SIZE: "8192"
+      HF_TOKEN: ${HF_TOKEN}          # ${VAR} and ${VAR:-default} are expanded
+    resources:
+      gpus: all
+      memory: 16g
+      cpus: 4
+      shm_size: 1g
+    health_path: /health
+    timeouts:
+      connect: 5
+      read: 600
+    stop_timeout: 10
+"""
+
+LLAMA3 = ServiceConfig(
+    id="llama3",
+    type="llama-cpp-server",
+    image="ghcr.io/ggml-org/llama.cpp:server-cuda",
+    port=8081,
+    container_port=8080,
+    args=("-m", "/models/llama3-8b.Q4_K_M.gguf", "--host", "0.0.0.0", "--port", "8080", "-ngl", "99"),
+    volumes=(Volume("/srv/models", "/models", "ro"),),
+    environment=(("HF_TOKEN", "hf_abc"), ("LLAMA_ARG_CTX_SIZE", "8192")),
+    resources=Resources(gpus="all", memory="16g", cpus=4.0, shm_size="1g"),
+    health_path="/health",
+    timeouts=Timeouts(connect=5.0, read=600.0),
+    stop_timeout=10.0,
+)
+
+MINIMAL_SERVICE = "    type: llama-cpp-server\n    image: img\n"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(text: str, **environ) -> Config:
+    return load_config_text(textwrap.dedent(text), environ=environ)
+
+
+def errors_of(text: str, **environ) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(text, **environ)
+    return info.value.errors
+
+
+def service(body: str = "", service_id: str = "a", port: int | str = 8081, image: str = "img") -> str:
+    """A one-service document; `body` holds extra keys indented for the service."""
+    return f"services:\n  {service_id}:\n    type: llama-cpp-server\n    image: {image}\n    port: {port}\n{body}"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_full_example_loads_into_the_expected_dataclasses():
+    config = load_config_text(FULL_EXAMPLE, environ={"HF_TOKEN": "hf_abc"})
+    assert config == Config(
+        server=ServerConfig(host="127.0.0.1", port=11000, log_level="INFO"),
+        services={"llama3": LLAMA3},
+        source="config.yaml",
+    )
+
+
+def test_to_dict_is_plain_json_and_can_redact_the_environment():
+    data = LLAMA3.to_dict()
+    assert json.loads(json.dumps(data)) == data  # lists and dicts only, no tuples
+    assert data["environment"] == {"HF_TOKEN": "hf_abc", "LLAMA_ARG_CTX_SIZE": "8192"}
+    assert data["volumes"] == [{"host_path": "/srv/models", "container_path": "/models", "mode": "ro"}]
+    assert data["resources"] == {"gpus": "all", "memory": "16g", "cpus": 4.0, "shm_size": "1g"}
+    assert data["timeouts"] == {"connect": 5.0, "read": 600.0}
+    assert LLAMA3.to_dict(redact=True)["environment"] == {"HF_TOKEN": "***", "LLAMA_ARG_CTX_SIZE": "***"}
+    assert "hf_abc" not in json.dumps(LLAMA3.to_dict(redact=True))
+
+
+def test_to_dict_lists_gpu_device_ids():
+    config = load(service("    resources: {gpus: [0, '2']}\n"))
+    assert config.services["a"].to_dict()["resources"]["gpus"] == ["0", "2"]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "server:\nservices:\n", "services: {}\n", "server: {}\n"])
+def test_empty_documents_give_all_defaults(text):
+    config = load(text)
+    assert config.server == ServerConfig(host="127.0.0.1", port=11000, log_level="INFO")
+    assert dict(config.services) == {}
+
+
+def test_service_defaults_come_from_its_type():
+    config = load(service())
+    assert config.services["a"] == ServiceConfig(
+        id="a", type="llama-cpp-server", image="img", port=8081, container_port=8080,
+        args=(), volumes=(), environment=(), resources=Resources(gpus=None, memory=None, cpus=None, shm_size=None),
+        health_path="/health", timeouts=Timeouts(connect=5.0, read=600.0), stop_timeout=10.0,
+    )
+
+
+def test_null_optional_sections_mean_defaults():
+    config = load(service("    args:\n    volumes:\n    environment:\n    resources:\n    timeouts:\n"
+                          "    container_port:\n    health_path:\n    stop_timeout:\n"))
+    assert config.services["a"] == load(service()).services["a"]
+
+
+def test_services_keep_file_order_and_are_read_only():
+    config = load("services:\n" + "".join(
+        f"  {sid}:\n{MINIMAL_SERVICE}    port: {port}\n" for sid, port in [("zeta", 9001), ("alpha", 9002), ("mid", 9003)]))
+    assert list(config.services) == ["zeta", "alpha", "mid"]
+    with pytest.raises(TypeError):
+        config.services["new"] = config.services["zeta"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("yaml_value, expected", [
+    ('"8192"', "8192"), ("8192", "8192"), ("true", "true"), ("false", "false"), ("1.5", "1.5"),
+    ("''", ""), ("2024-01-01", "2024-01-01"),  # dates stay as written
+])
+def test_environment_values_are_taken_as_text(yaml_value, expected):
+    config = load(service(f"    environment:\n      X: {yaml_value}\n"))
+    assert config.services["a"].environment == (("X", expected),)
+
+
+def test_environment_is_sorted_by_name():
+    config = load(service("    environment: {B: '1', A: '2', _c: '3'}\n"))
+    assert config.services["a"].environment == (("A", "2"), ("B", "1"), ("_c", "3"))
+
+
+def test_args_numbers_become_strings():
+    config = load(service("    args: [-ngl, 99, --temp, 0.5, --flag, true]\n"))
+    assert config.services["a"].args == ("-ngl", "99", "--temp", "0.5", "--flag", "true")
+
+
+@pytest.mark.parametrize("yaml_value, expected", [
+    ("all", "all"), ("ALL", "all"), ("1", 1), ("2", 2), ("'3'", 3),
+    ('["0", "2"]', ("0", "2")), ("[0, 2]", ("0", "2")), ("[GPU-8f6a1b2c]", ("GPU-8f6a1b2c",)),
+    ("null", None),
+])
+def test_good_gpus_forms_map_to_resources(yaml_value, expected):
+    config = load(service(f"    resources:\n      gpus: {yaml_value}\n"))
+    assert config.services["a"].resources.gpus == expected
+
+
+@pytest.mark.parametrize("volume, expected", [
+    ("/srv/models:/models", Volume("/srv/models", "/models", "rw")),
+    ("/srv/models:/models:rw", Volume("/srv/models", "/models", "rw")),
+    ("/srv/models:/models:ro", Volume("/srv/models", "/models", "ro")),
+])
+def test_good_volumes(volume, expected):
+    assert load(service(f"    volumes: ['{volume}']\n")).services["a"].volumes == (expected,)
+
+
+@pytest.mark.parametrize("size", ["16g", "16G", "16gb", "16GB", "512m", "1024k", "1.5g", "1073741824", "100b"])
+def test_good_sizes_are_kept_as_written(size):
+    resources = load(service(f"    resources: {{memory: {size}, shm_size: {size}}}\n")).services["a"].resources
+    assert resources.memory == resources.shm_size == size
+
+
+def test_numeric_strings_are_accepted_for_numbers_so_variables_work():
+    config = load(service("    container_port: ${CPORT}\n    stop_timeout: ${STOP}\n", port="${PORT}"),
+                  PORT="8081", CPORT="9000", STOP="2.5")
+    assert (config.services["a"].port, config.services["a"].container_port) == (8081, 9000)
+    assert config.services["a"].stop_timeout == 2.5
+
+
+def test_yaml_merge_keys_are_not_duplicates():
+    config = load("""\
+        services:
+          a: &base
+            type: llama-cpp-server
+            image: img
+            port: 8081
+          b:
+            <<: *base
+            image: other
+            port: 8082
+        """)
+    assert (config.services["b"].type, config.services["b"].image) == ("llama-cpp-server", "other")
+
+
+# ---------------------------------------------------------------- variables
+
+
+@pytest.mark.parametrize("value, environ, expected", [
+    ("${X}", {"X": "v"}, "v"),
+    ("a-${X}-b", {"X": "v"}, "a-v-b"),
+    ("${X}", {"X": ""}, ""),  # set but empty: fine
+    ("${X:-d}", {}, "d"),
+    ("${X:-d}", {"X": ""}, "d"),  # like the shell's :-, empty also takes the default
+    ("${X:-d}", {"X": "v"}, "v"),
+    ("${X:-}", {}, ""),
+    ("${X:-a:b c}", {}, "a:b c"),
+    ("$${X}", {"X": "v"}, "${X}"),  # escaped: literal
+    ("$${X} ${X}", {"X": "v"}, "${X} v"),
+    ("$X and $ and $$", {"X": "v"}, "$X and $ and $$"),  # only ${...} is special
+])
+def test_variable_expansion(value, environ, expected):
+    assert expand(value, environ) == (expected, [])
+
+
+@pytest.mark.parametrize("value", ["${}", "${1X}", "${X Y}", "${X", "${X:d}", "${X-d}"])
+def test_invalid_variable_references_are_reported(value):
+    assert expand(value, {"X": "v"})[1] == [
+        "Invalid variable reference; use ${NAME} or ${NAME:-default} (write $${ for a literal ${)."]
+
+
+def test_variables_in_the_document():
+    config = load("services:\n  a:\n    type: llama-cpp-server\n    image: ${IMAGE:-fallback}\n"
+                  "    port: 8081\n    environment: {A: '$${HOME}', B: '${B}'}\n", B="b-value")
+    assert config.services["a"].image == "fallback"
+    assert config.services["a"].environment == (("A", "${HOME}"), ("B", "b-value"))
+
+
+def test_an_expanded_value_cannot_change_the_yaml_structure():
+    config = load(service("    environment: {A: '${A}'}\n"), A="x\n  evil: [1, 2]: {")
+    assert config.services["a"].environment == (("A", "x\n  evil: [1, 2]: {"),)
+
+
+def test_keys_are_not_expanded():
+    assert errors_of(service("    environment: {'${A}': x}\n"), A="OK") == [
+        "config.yaml: services.a.environment.${A}: Environment variable names must match [A-Za-z_][A-Za-z0-9_]*."]
+
+
+# ---------------------------------------------------------------- PROXY_LOG_LEVEL
+
+
+@pytest.mark.parametrize("file_level, env_level, expected", [
+    ("INFO", None, "INFO"), ("debug", None, "DEBUG"), ("INFO", "DEBUG", "DEBUG"),
+    ("INFO", "warning", "WARNING"), ("ERROR", "", "ERROR"),  # empty: not set
+])
+def test_proxy_log_level_overrides_the_file(file_level, env_level, expected):
+    environ = {} if env_level is None else {"PROXY_LOG_LEVEL": env_level}
+    config = load(f"server: {{log_level: {file_level}}}\n", **environ)
+    assert config.server.log_level == expected
+
+
+def test_invalid_proxy_log_level_is_an_error_naming_the_variable():
+    assert errors_of("server: {log_level: INFO}\n", PROXY_LOG_LEVEL="LOUD") == [
+        "PROXY_LOG_LEVEL: Must be one of: DEBUG, INFO, WARNING, ERROR."]
+
+
+def test_proxy_log_level_error_comes_with_the_file_errors():
+    assert errors_of("server: {log_level: LOUD}\n", PROXY_LOG_LEVEL="LOUD") == [
+        "config.yaml: server.log_level: Must be one of: DEBUG, INFO, WARNING, ERROR.",
+        "PROXY_LOG_LEVEL: Must be one of: DEBUG, INFO, WARNING, ERROR.",
+    ]
+
+
+def test_proxy_log_level_error_comes_with_a_yaml_syntax_error():
+    assert errors_of("server: [\n", PROXY_LOG_LEVEL="LOUD") == [
+        "config.yaml: line 2, column 1: expected the node content, but found '<stream end>'",
+        "PROXY_LOG_LEVEL: Must be one of: DEBUG, INFO, WARNING, ERROR.",
+    ]
+
+
+# ---------------------------------------------------------------- failures: exact messages
+
+PORT_RANGE = "Must be greater than or equal to 1 and less than or equal to 65535."
+GPUS = "Must be 'all', a positive count, or a list of device ids."
+VOLUME = "Must be 'HOST:CONTAINER[:ro|rw]' with absolute paths."
+SIZE = "Must be a size like '16g': a number with an optional b, k, m or g suffix."
+SERVICE_ID = ("Service id must be 1-63 characters of lowercase letters, digits, '-', '_' or '.', "
+              "starting with a letter or digit.")
+
+FAILURES = {
+    "bad_yaml_gives_line_and_column": (
+        "server:\n  port: 11000\nservices:\n  a: [1, 2\n  b: 3\n",
+        ["config.yaml: line 5, column 4: expected ',' or ']', but got ':'"]),
+    "tab_indentation": (
+        "server:\n\tport: 1\n",
+        ["config.yaml: line 2, column 1: found character '\\t' that cannot start any token"]),
+    "duplicate_key": (
+        "server:\n  port: 1\n  host: h\n  port: 2\n",
+        ["config.yaml: line 4, column 3: Duplicate key 'port' (first defined on line 2)."]),
+    "duplicate_service": (
+        service() + "  a:\n    image: x\n",
+        ["config.yaml: line 6, column 3: Duplicate key 'a' (first defined on line 2)."]),
+    "two_documents": (
+        "server: {}\n---\nservices: {}\n",
+        ["config.yaml: line 2, column 1: expected a single document in the stream, but found another document"]),
+    "undefined_alias": (
+        "server: *nope\n",
+        ["config.yaml: line 1, column 9: found undefined alias 'nope'"]),
+    "python_tag_is_not_constructed": (
+        "server: !!python/object:os.system {}\n",
+        ["config.yaml: line 1, column 9: could not determine a constructor for the tag "
+         "'tag:yaml.org,2002:python/object:os.system'"]),
+    "bad_explicit_int": (
+        "server: {port: !!int 0x}\n",
+        ["config.yaml: line 1, column 16: invalid literal for int() with base 16: ''"]),
+    "control_character": (
+        "server:\n  host: a\x01\n",
+        ["config.yaml: line 2, column 10: unacceptable character #x0001: special characters are not allowed"]),
+    "top_level_list": (
+        "- server\n- services\n",
+        ["config.yaml: The top level must be a mapping with 'server' and 'services'."]),
+    "top_level_scalar": (
+        "hello\n",
+        ["config.yaml: The top level must be a mapping with 'server' and 'services'."]),
+    "services_not_a_mapping": (
+        "services: [a, b]\n",
+        ["config.yaml: services: Not a valid mapping type."]),
+    "service_not_a_mapping": (
+        "services:\n  a: llama\n",
+        ["config.yaml: services.a: Not a valid mapping type."]),
+    "unknown_top_level_key": (
+        "servcies: {}\n",
+        ["config.yaml: servcies: Unknown field."]),
+    "unknown_service_key": (
+        service("    imgae: x\n", service_id="llama3"),
+        ["config.yaml: services.llama3.imgae: Unknown field."]),
+    "unknown_nested_key": (
+        service("    resources: {gpu: all}\n    timeouts: {write: 1}\n"),
+        ["config.yaml: services.a.resources.gpu: Unknown field.",
+         "config.yaml: services.a.timeouts.write: Unknown field."]),
+    "missing_port": (
+        "services:\n  myservice:\n" + MINIMAL_SERVICE,
+        ["config.yaml: services.myservice.port: Missing data for required field."]),
+    "missing_everything": (
+        "services:\n  a: {}\n",
+        ["config.yaml: services.a.image: Missing data for required field.",
+         "config.yaml: services.a.port: Missing data for required field.",
+         "config.yaml: services.a.type: Missing data for required field."]),
+    "null_required_field": (
+        "services:\n  a:\n    type: llama-cpp-server\n    image:\n    port: 1\n",
+        ["config.yaml: services.a.image: Field may not be null."]),
+    "unknown_type_lists_the_allowed_ones": (
+        "services:\n  a:\n    type: vllm\n    image: i\n    port: 8081\n",
+        ["config.yaml: services.a.type: Must be one of: llama-cpp-server."]),
+    "port_zero": (service(port=0), [f"config.yaml: services.a.port: {PORT_RANGE}"]),
+    "port_too_big": (service(port=65536), [f"config.yaml: services.a.port: {PORT_RANGE}"]),
+    "port_huge": (service(port=10**40), [f"config.yaml: services.a.port: {PORT_RANGE}"]),
+    "port_bool": (service(port="true"), ["config.yaml: services.a.port: Not a valid integer."]),
+    "port_float": (service(port="8081.5"), ["config.yaml: services.a.port: Not a valid integer."]),
+    "port_text": (service(port="http"), ["config.yaml: services.a.port: Not a valid integer."]),
+    "container_port_out_of_range": (
+        service("    container_port: 70000\n"), [f"config.yaml: services.a.container_port: {PORT_RANGE}"]),
+    "server_port_out_of_range": (
+        "server: {port: -1}\n", [f"config.yaml: server.port: {PORT_RANGE}"]),
+    "server_log_level": (
+        "server: {log_level: TRACE}\n",
+        ["config.yaml: server.log_level: Must be one of: DEBUG, INFO, WARNING, ERROR."]),
+    "duplicate_ports": (
+        "services:\n  a:\n" + MINIMAL_SERVICE + "    port: 8081\n"
+        "  b:\n" + MINIMAL_SERVICE + "    port: 8081\n"
+        "  c:\n" + MINIMAL_SERVICE + "    port: 8081\n",
+        ["config.yaml: services.b.port: Port 8081 is already used by service 'a'.",
+         "config.yaml: services.c.port: Port 8081 is already used by service 'a'."]),
+    "proxy_own_port": (
+        service(port=11000),
+        ["config.yaml: services.a.port: Port 11000 is the proxy's own port (server.port)."]),
+    "proxy_own_port_when_changed": (
+        "server: {port: 9000}\n" + service(port=9000),
+        ["config.yaml: services.a.port: Port 9000 is the proxy's own port (server.port)."]),
+    "bad_service_id": (
+        service(service_id="Bad Id"), [f"config.yaml: services.Bad Id: {SERVICE_ID}"]),
+    "service_id_dots_only": (
+        service(service_id="'..'"), [f"config.yaml: services...: {SERVICE_ID}"]),
+    "service_id_too_long": (
+        service(service_id="a" * 64), [f"config.yaml: services.{'a' * 64}: {SERVICE_ID}"]),
+    "service_id_number": (
+        service(service_id="1"), [f"config.yaml: services.1: {SERVICE_ID}"]),
+    "gpus_zero": (service("    resources: {gpus: 0}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "gpus_negative": (service("    resources: {gpus: -1}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "gpus_bool": (service("    resources: {gpus: true}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "gpus_word": (service("    resources: {gpus: some}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "gpus_empty_list": (service("    resources: {gpus: []}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "gpus_list_of_junk": (
+        service("    resources: {gpus: ['0,1', '']}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "gpus_mapping": (
+        service("    resources: {gpus: {count: 1}}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "gpus_float": (service("    resources: {gpus: 1.5}\n"), [f"config.yaml: services.a.resources.gpus: {GPUS}"]),
+    "bad_volumes": (
+        service("    volumes: [/a:/b, models:/models, /a:models, '/a:/b:rx', '/a', 5, '/a:/b:ro:x']\n"),
+        [f"config.yaml: services.a.volumes.{i}: {VOLUME}" for i in range(1, 7)]),
+    "volumes_not_a_list": (
+        service("    volumes: /a:/b\n"), ["config.yaml: services.a.volumes: Not a valid list."]),
+    "bad_memory": (service("    resources: {memory: 16 GB}\n"), [f"config.yaml: services.a.resources.memory: {SIZE}"]),
+    "bad_memory_unit": (service("    resources: {memory: 16t}\n"), [f"config.yaml: services.a.resources.memory: {SIZE}"]),
+    "memory_with_trailing_newline": (
+        service('    resources: {memory: "16g\\n"}\n'), [f"config.yaml: services.a.resources.memory: {SIZE}"]),
+    "health_path_with_trailing_newline": (
+        service('    health_path: "/health\\n"\n'),
+        ["config.yaml: services.a.health_path: Must be a path starting with '/'."]),
+    "image_empty": (
+        service(image="''"), ["config.yaml: services.a.image: Must be a non-empty image name without spaces."]),
+    "bad_shm_size": (service("    resources: {shm_size: -1g}\n"), [f"config.yaml: services.a.resources.shm_size: {SIZE}"]),
+    "cpus_zero": (service("    resources: {cpus: 0}\n"), ["config.yaml: services.a.resources.cpus: Must be greater than 0."]),
+    "timeouts_not_positive": (
+        service("    timeouts: {connect: 0, read: -1}\n"),
+        ["config.yaml: services.a.timeouts.connect: Must be greater than 0.",
+         "config.yaml: services.a.timeouts.read: Must be greater than 0."]),
+    "timeout_infinite": (
+        service("    timeouts: {read: .inf}\n"),
+        ["config.yaml: services.a.timeouts.read: Special numeric values (nan or infinity) are not permitted."]),
+    "stop_timeout_negative": (
+        service("    stop_timeout: -1\n"),
+        ["config.yaml: services.a.stop_timeout: Must be greater than or equal to 0."]),
+    "health_path_relative": (
+        service("    health_path: health\n"),
+        ["config.yaml: services.a.health_path: Must be a path starting with '/'."]),
+    "args_not_a_list": (service("    args: -m x\n"), ["config.yaml: services.a.args: Not a valid list."]),
+    "args_nested": (service("    args: [[1]]\n"), ["config.yaml: services.a.args.0: Not a valid string."]),
+    "bad_environment_names": (
+        service("    environment: {1X: a, A-B: b, OK: [1]}\n"),
+        ["config.yaml: services.a.environment.1X: Environment variable names must match [A-Za-z_][A-Za-z0-9_]*.",
+         "config.yaml: services.a.environment.A-B: Environment variable names must match [A-Za-z_][A-Za-z0-9_]*.",
+         "config.yaml: services.a.environment.OK: Not a valid string."]),
+    "environment_null_value": (
+        service("    environment: {A:}\n"), ["config.yaml: services.a.environment.A: Field may not be null."]),
+    "unset_variable_names_variable_and_key": (
+        service("    environment:\n      HF_TOKEN: ${HF_TOKEN}\n", service_id="llama3"),
+        ["config.yaml: services.llama3.environment.HF_TOKEN: Environment variable 'HF_TOKEN' is not set "
+         "(use ${HF_TOKEN:-default} for a default)."]),
+    "unset_variable_is_not_also_a_type_error": (
+        service(port="${PORT}"),
+        ["config.yaml: services.a.port: Environment variable 'PORT' is not set (use ${PORT:-default} for a default)."]),
+    "unset_variable_in_unknown_key_reports_the_key": (
+        service("    imgae: ${IMAGE}\n"), ["config.yaml: services.a.imgae: Unknown field."]),
+    "two_unset_variables_in_one_value": (
+        service(image="${REPO}/${NAME}:${REPO}"),
+        ["config.yaml: services.a.image: Environment variable 'REPO' is not set (use ${REPO:-default} for a default).",
+         "config.yaml: services.a.image: Environment variable 'NAME' is not set (use ${NAME:-default} for a default)."]),
+    "invalid_reference": (
+        service(image="${not valid}"),
+        ["config.yaml: services.a.image: Invalid variable reference; use ${NAME} or ${NAME:-default} "
+         "(write $${ for a literal ${)."]),
+    "several_errors_reported_together_sorted_by_key_path": (
+        "server:\n  port: 0\n  colour: blue\nservices:\n"
+        "  b:\n    type: vllm\n    image: i\n    port: 8081\n    volumes: [x, /a:/b, y, z, w, v, u, t, s, r, q]\n"
+        "  a:\n" + MINIMAL_SERVICE + "    port: 8081\n    resources: {gpus: none}\n"
+        "  Bad:\n    port: 99999\n",
+        ["config.yaml: server.colour: Unknown field.",
+         f"config.yaml: server.port: {PORT_RANGE}",
+         f"config.yaml: services.Bad: {SERVICE_ID}",
+         "config.yaml: services.Bad.image: Missing data for required field.",
+         f"config.yaml: services.Bad.port: {PORT_RANGE}",
+         "config.yaml: services.Bad.type: Missing data for required field.",
+         "config.yaml: services.a.port: Port 8081 is already used by service 'b'.",
+         f"config.yaml: services.a.resources.gpus: {GPUS}",
+         "config.yaml: services.b.type: Must be one of: llama-cpp-server.",
+         *[f"config.yaml: services.b.volumes.{i}: {VOLUME}" for i in [0, 2, 3, 4, 5, 6, 7, 8, 9, 10]]]),
+}
+
+
+@pytest.mark.parametrize("text, expected", FAILURES.values(), ids=FAILURES.keys())
+def test_invalid_config_reports_exact_lines(text, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, environ={})
+    assert info.value.errors == expected
+    assert str(info.value) == "\n".join(expected)
+
+
+def test_source_label_is_used_in_messages():
+    with pytest.raises(ConfigError) as info:
+        load_config_text("servcies: {}\n", source="/etc/proxy/prod.yaml", environ={})
+    assert info.value.errors == ["/etc/proxy/prod.yaml: servcies: Unknown field."]
+
+
+# ---------------------------------------------------------------- secrets
+
+SECRET = "s3cr3t-VALUE_9"
+SECRET_EVERYWHERE = """\
+server:
+  host: "${S} x"
+  port: ${S}
+  log_level: ${S}
+services:
+  a:
+    type: ${S}
+    image: "${S} x"
+    port: ${S}
+    container_port: ${S}
+    args: [["${S}"]]
+    volumes: ["${S}", "/a:${S}", "/a:/b:${S}"]
+    environment: {A: ["${S}"]}
+    resources: {gpus: "${S}", memory: "${S}", cpus: "${S}", shm_size: "${S}"}
+    health_path: ${S}
+    timeouts: {connect: "${S}", read: "${S}"}
+    stop_timeout: ${S}
+  b:
+    type: llama-cpp-server
+    image: i
+    port: ${P}
+  c:
+    type: llama-cpp-server
+    image: i
+    port: ${P}
+    resources: {gpus: ["${S}"]}
+"""
+
+
+def test_secret_values_are_never_echoed_in_messages():
+    with pytest.raises(ConfigError) as info:
+        load_config_text(SECRET_EVERYWHERE, environ={"S": SECRET, "P": "8081", "PROXY_LOG_LEVEL": SECRET})
+    message = str(info.value)
+    assert len(info.value.errors) >= 20  # every field above failed...
+    assert SECRET not in message and "s3cr3t" not in message  # ...without showing the value
+
+
+# ---------------------------------------------------------------- files and paths
+
+
+def test_load_config_reads_a_file_and_names_it_in_messages(tmp_path):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(FULL_EXAMPLE, encoding="utf-8")
+    config = load_config(path, environ={"HF_TOKEN": "hf_abc"})
+    assert config.services["llama3"] == LLAMA3
+    assert config.source == str(path)
+    path.write_text("\ufeffservcies: {}\n", encoding="utf-8")  # a BOM is tolerated
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+    assert info.value.errors == [f"{path}: servcies: Unknown field."]
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.errors == [f"{path}: cannot read config: No such file or directory"]
+
+
+def test_config_path_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, environ={})
+    assert info.value.errors == [f"{tmp_path}: cannot read config: Is a directory"]
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"server:\n  host: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.errors == [f"{path}: cannot read config: not UTF-8 text (invalid continuation byte at byte 19)"]
+
+
+@pytest.mark.parametrize("cli, environ, expected", [
+    ("cli.yaml", {"PROXY_CONFIG": "env.yaml"}, "cli.yaml"),
+    (None, {"PROXY_CONFIG": "env.yaml"}, "env.yaml"),
+    (None, {}, "config.yaml"),
+    (None, {"PROXY_CONFIG": ""}, "config.yaml"),
+])
+def test_config_path_precedence(cli, environ, expected):
+    assert config_path(cli, environ=environ) == expected
+
+
+def test_config_module_is_pure():
+    code = ("import sys, proxy.config; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('docker', 'flask', 'loguru', 'gevent')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+# ---------------------------------------------------------------- never a traceback
+
+
+def assert_config_or_config_error(text: str, environ=None) -> None:
+    try:
+        result = load_config_text(text, environ=environ or {"X": "1"})
+    except ConfigError as exc:
+        assert exc.errors, "a ConfigError always says why"
+        for line in exc.errors:
+            assert "\n" not in line and (line.startswith("config.yaml: ") or line.startswith("PROXY_LOG_LEVEL: "))
+    else:
+        assert isinstance(result, Config)
+
+
+@pytest.mark.parametrize("text", [
+    "a: &a [*a]\nservices: &s {x: *s}\n",  # self-referencing aliases
+    "services:\n  a: &a\n    type: llama-cpp-server\n    image: i\n    port: 1\n    args: *a\n",
+    "[" * 5000 + "]" * 5000,  # nested too deeply for the parser
+    "x: " + "9" * 5000,  # an int too long for Python to convert
+    "services: {a: {port: " + "9" * 4000 + "}}",
+    "services: {a: {port: '" + "9" * 5000 + "'}}",
+    "services: {a: {timeouts: {read: " + "9" * 4000 + "}}}",
+    "? [a, b]\n: c\n",  # unhashable key
+    "? {a: 1}\n: c\n",
+    "services: {? [1]: x}\n",
+    "server: !!binary aGVsbG8=\n",
+    "server: !!set {a, b}\n",
+    "server: !!omap [a: 1]\n",
+    "server: !!timestamp 2024-13-45\n",
+    "server: !!float abc\n",
+    "services: {null: {}, 1: {}, true: {}, 1.5: {}}\n",
+    "server: {null: 1, 2: 3}\n",
+    "services: {a: {environment: {null: null}}}\n",
+    "services: {a: {'x\ny': 1, '\\x85': 2}}\n",
+    "\t", "%", "%YAML 1.1\n---\na: 1\n", "...", "---", "&a", "!", "@", "`", "a: |\n b\n c",
+    "\x00", "\ud800", "a: \"\\ud800\"",
+])
+def test_hand_written_garbage_never_raises_anything_else(text):
+    started = time.monotonic()
+    assert_config_or_config_error(text)
+    assert time.monotonic() - started < 5
+
+
+def test_billion_laughs_is_cheap():
+    text = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    for level in "bcdefghi":
+        previous = chr(ord(level) - 1)
+        text += f"{level}: &{level} [{','.join(['*' + previous] * 9)}]\n"
+    text += "services: {x: {type: llama-cpp-server, image: i, port: 1, args: *i, environment: {A: *i}}}\n"
+    started = time.monotonic()
+    assert_config_or_config_error(text)
+    assert time.monotonic() - started < 5
+
+
+def test_null_for_every_key_of_the_full_example():
+    """Replacing each value of the example with null, one at a time."""
+    document = yaml.safe_load(FULL_EXAMPLE)
+    for path in _paths(document):
+        broken = yaml.safe_load(FULL_EXAMPLE)
+        _set(broken, path, None)
+        assert_config_or_config_error(yaml.safe_dump(broken), environ={"HF_TOKEN": "t"})
+
+
+def test_every_line_dropped_or_truncated_from_the_full_example():
+    lines = FULL_EXAMPLE.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        assert_config_or_config_error("".join(lines[:index] + lines[index + 1:]))
+        for cut in range(0, len(line), 3):
+            assert_config_or_config_error("".join(lines[:index]) + line[:cut] + "".join(lines[index + 1:]))
+
+
+def _paths(node, path=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path + (key,)
+            yield from _paths(value, path + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield path + (index,)
+            yield from _paths(value, path + (index,))
+
+
+def _set(node, path, value):
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+KNOWN_KEYS = ["server", "services", "host", "port", "log_level", "type", "image", "container_port", "args",
+              "volumes", "environment", "resources", "gpus", "memory", "cpus", "shm_size", "health_path",
+              "timeouts", "connect", "read", "stop_timeout", "llama3", "a", "Bad Id", "HF_TOKEN"]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=10**30, max_value=10**300),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+    st.sampled_from(["all", "llama-cpp-server", "/a:/b", "/a:/b:ro", "16g", "/health", "INFO", "${X}",
+                     "${UNSET}", "${X:-d}", "$${X}", "${", "8081", "11000", "0", "-1"]),
+)
+documents = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=8), st.integers()),
+                        children, max_size=5),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents)
+def test_fuzz_any_document_gives_config_or_config_error(document):
+    assert_config_or_config_error(yaml.safe_dump(document, allow_unicode=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_example_gives_config_or_config_error(data):
+    text = FULL_EXAMPLE
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(text)))
+        insert = data.draw(st.sampled_from(["", ":", "- ", "{", "[", "]", "}", "'", '"', "\n", "  ", "&x", "*x",
+                                            "!!", "null", "${", "0", "#", "\t", ",", "?"]))
+        delete = data.draw(st.integers(0, 5))
+        text = text[:position] + insert + text[position + delete:]
+    assert_config_or_config_error(text)
