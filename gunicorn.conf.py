@@ -1,0 +1,50 @@
+"""gunicorn settings for the proxy: ``gunicorn -c gunicorn.conf.py wsgi:app``.
+
+The config is checked here, in the master, before any worker forks: a bad config ends
+start-up with exit status 1 and its messages, instead of gunicorn looping on workers that
+fail to boot. Settings follow DESIGN.md §5 (gevent workers, no preload, a long graceful
+timeout for in-flight streams, the control socket off).
+"""
+import os
+import sys
+
+from loguru import logger
+
+from proxy.config import ConfigError, config_path, load_config
+from proxy.log import GunicornLogger, setup_logging
+
+_path = config_path()
+try:
+    _config = load_config(_path)
+except ConfigError as _error:
+    setup_logging("INFO")
+    logger.error("configuration rejected: {}", _path)
+    print(_error, file=sys.stderr)
+    sys.exit(1)
+
+setup_logging(_config.server.log_level)
+logger.info("configuration loaded from {}: {} service(s)", _path, len(_config.services))
+os.environ["PROXY_CONFIG"] = os.path.abspath(_path)  # workers read the very same file
+
+_host = _config.server.host
+bind = [f"[{_host}]:{_config.server.port}" if ":" in _host else f"{_host}:{_config.server.port}"]
+worker_class = "gevent"
+workers = int(os.environ.get("PROXY_WORKERS", "2"))
+worker_connections = int(os.environ.get("PROXY_WORKER_CONNECTIONS", "4096"))  # streams per worker
+preload_app = False           # objects made before gevent patches would block its loop
+timeout = 30                  # a heartbeat for gevent workers, not a request limit
+graceful_timeout = int(os.environ.get("PROXY_GRACEFUL_TIMEOUT", "900"))  # in-flight generations finish
+keepalive = 75
+backlog = 4096
+control_socket_disable = True  # else gunicorn makes a socket under $HOME
+logger_class = GunicornLogger
+loglevel = _config.server.log_level.lower()
+accesslog = None               # requests are logged by the app at DEBUG
+
+
+def on_starting(server):
+    logger.info("inference proxy starting on {} with {} worker(s)", ", ".join(bind), workers)
+
+
+def on_exit(server):
+    logger.info("inference proxy stopped")

@@ -1,0 +1,45 @@
+"""The inference proxy: a Flask app that forwards to, starts and stops local model servers.
+
+``create_app`` is the only place where the parts are wired together. Nothing here runs at
+import time: no Docker client, no HTTP session, no app (DESIGN.md §2).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def create_app(config=None, docker_client=None):
+    """Build the WSGI app.
+
+    Args:
+        config: a ``proxy.config.Config``; loaded from ``--config``/``PROXY_CONFIG``/
+            ``./config.yaml`` when None.
+        docker_client: a ``docker.DockerClient`` to use instead of one made from the
+            environment (tests inject one; it is never made at import).
+
+    Returns:
+        The Flask app. ``app.extensions["proxy"]`` holds the per-process runtime.
+    """
+    from flask import Flask
+
+    from . import admin, forward, health
+    from .config import config_path, load_config
+    from .errors import register_error_handlers
+    from .log import setup_logging
+    from .requestlog import register_request_log
+    from .runtime import Runtime
+
+    if config is None:
+        config = load_config(config_path())
+    setup_logging(config.server.log_level)
+
+    app = Flask(__name__)
+    app.extensions["proxy"] = Runtime(config, docker_client=docker_client)
+    register_error_handlers(app)
+    if config.server.log_level == "DEBUG":
+        register_request_log(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(forward.bp)
+    app.register_blueprint(admin.bp)
+    app.extensions["proxy"].start()
+    return app

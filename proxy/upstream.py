@@ -1,0 +1,188 @@
+"""The wire to a backend: header filtering, the pooled connection, streaming the answer.
+
+Everything here is on the hot path, so it stays small: pure functions over frozensets for
+headers, one ``requests`` adapter per worker (pooled, keep-alive, never blocking, blind to
+proxy variables in the environment), and a body iterator that hands on every chunk as it
+arrives (DESIGN.md §5).
+"""
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Iterable, Iterator
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
+
+# RFC 9110 §7.6.1; plus Host and Content-Length, which the stack sets from what is sent.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+})
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+_READ_SIZE = 64 * 1024
+
+# Which upstream connection the current greenlet is using, so a watcher that sees the
+# client leave can shut that exact socket down (threading.local is per greenlet under
+# gevent's patching).
+_current = threading.local()
+
+
+def _connection_tokens(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
+def request_headers(environ: dict, upstream_host: str) -> dict[str, str]:
+    """Headers to send upstream: the client's less hop-by-hop ones, plus X-Forwarded-*."""
+    drop = _NOT_FORWARDED | _connection_tokens(environ.get("HTTP_CONNECTION"))
+    headers = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").title()
+            if name.lower() not in drop:
+                headers[name] = value
+    if environ.get("CONTENT_TYPE"):
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
+    client = environ.get("REMOTE_ADDR", "")
+    prior = environ.get("HTTP_X_FORWARDED_FOR")
+    headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
+    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
+    if environ.get("HTTP_HOST"):
+        headers["X-Forwarded-Host"] = environ["HTTP_HOST"]
+    headers["Host"] = upstream_host
+    return headers
+
+
+def response_headers(items: Iterable[tuple[str, str]], connection: str | None) -> list[tuple[str, str]]:
+    """The backend's headers less hop-by-hop ones; repeated headers stay repeated."""
+    drop = HOP_BY_HOP | _connection_tokens(connection)
+    return [(name, value) for name, value in items if name.lower() not in drop]
+
+
+class SizedBody:
+    """The client's body as a stream whose length requests can see, so it goes up
+    with the client's Content-Length instead of being read whole or re-chunked."""
+
+    def __init__(self, stream, length: int):
+        self._stream = stream
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)
+
+
+def chunked_body(stream) -> Iterator[bytes]:
+    """A chunked upload read piece by piece (the WSGI server de-chunks it)."""
+    while True:
+        data = stream.read(_READ_SIZE)
+        if not data:
+            return
+        yield data
+
+
+class Exchange:
+    """One request's link to its upstream connection, for cutting it from outside."""
+
+    __slots__ = ("connection", "client_gone", "done")
+
+    def __init__(self):
+        self.connection: HTTPConnection | None = None
+        self.client_gone = False
+        self.done = False
+
+    def cut(self) -> None:
+        """The client left: shut the upstream socket so the backend stops generating."""
+        self.client_gone = True
+        connection = None if self.done else self.connection
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(2)  # SHUT_RDWR: wakes a read blocked in another greenlet
+            except OSError:
+                pass
+
+
+class ClientGone(ConnectionError):
+    """Raised instead of sending upstream when the client has already left."""
+
+
+class _TrackedConnection(HTTPConnection):
+    def request(self, *args, **kwargs):
+        exchange = getattr(_current, "exchange", None)
+        if exchange is not None:
+            if exchange.client_gone:
+                raise ClientGone(errno.ECONNABORTED, "client left before the request was sent")
+            exchange.connection = self
+        return super().request(*args, **kwargs)
+
+
+class _TrackedPool(HTTPConnectionPool):
+    ConnectionCls = _TrackedConnection
+
+
+class _Adapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _TrackedPool}
+
+
+class UpstreamPool:
+    """Per-worker pooled connections to every backend; made on first use, never at import
+    (a session made before gevent patches would block the event loop)."""
+
+    def __init__(self, max_per_backend: int = 1024):
+        self._max_per_backend = max_per_backend
+        self._adapter: HTTPAdapter | None = None
+
+    @property
+    def adapter(self) -> HTTPAdapter:
+        if self._adapter is None:
+            # pool_block=False: past the size, extra connections are made and dropped
+            # rather than waiting forever (requests never passes a pool timeout).
+            self._adapter = _Adapter(pool_connections=16, pool_maxsize=self._max_per_backend,
+                                     pool_block=False, max_retries=0)
+        return self._adapter
+
+    def send(self, method: str, url: str, headers: dict, body, timeout: tuple[float, float],
+             exchange: Exchange | None = None) -> requests.Response:
+        """Send one request and return as soon as the response headers are in.
+
+        The URL is used as given (no re-quoting), so the client's percent-encoding and
+        query string reach the backend byte for byte. The adapter is called directly: a
+        Session would add cookie-jar bookkeeping and proxy lookups we do not want.
+        """
+        prepared = requests.PreparedRequest()
+        prepared.method = method
+        prepared.url = url
+        prepared.headers = headers
+        prepared.body = body
+        prepared.hooks = {"response": []}
+        _current.exchange = exchange
+        try:
+            return self.adapter.send(prepared, stream=True, timeout=timeout, proxies={})
+        finally:
+            _current.exchange = None
+
+    def close(self) -> None:
+        if self._adapter is not None:
+            self._adapter.close()
+            self._adapter = None
+
+
+def iter_body(response: requests.Response) -> Iterator[bytes]:
+    """Yield the body as the backend sends it: each read returns what has arrived
+    (read1), the bytes as sent (no gzip decoding), never an empty chunk (which a chunked
+    writer would take for the end)."""
+    raw = response.raw
+    while True:
+        data = raw.read1(_READ_SIZE, decode_content=False)
+        if not data:
+            return
+        yield data

@@ -1,0 +1,200 @@
+"""Shared fixtures: real backend processes, a real gunicorn proxy, the real Docker engine.
+
+Engine tests may skip on a laptop without Docker, but never in CI (CI=true): there a
+missing engine or test image fails the run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND_SCRIPT = ROOT / "tests" / "backend" / "server.py"
+TEST_IMAGE = "inference-proxy-test-backend:latest"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+NO_ENGINE = "unix:///nonexistent/docker.sock"  # DOCKER_HOST for a proxy that must not see an engine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# -- the test backend as a local process ------------------------------------------------
+
+@dataclass
+class Backend:
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def disconnects(self, test_id: str) -> list[dict]:
+        answer = requests.get(f"{self.url}/_disconnects", params={"test_id": test_id}, timeout=5)
+        return answer.json()["disconnects"]
+
+    def stats(self) -> dict:
+        return requests.get(f"{self.url}/_stats", timeout=5).json()
+
+
+@pytest.fixture
+def start_backend(tmp_path):
+    """Factory: start the test backend as a process (extra CLI flags allowed)."""
+    started: list[subprocess.Popen] = []
+
+    def start(*flags: str, port: int | None = None) -> Backend:
+        port_file = tmp_path / f"backend-{uuid.uuid4().hex}.port"
+        proc = subprocess.Popen(
+            [sys.executable, str(BACKEND_SCRIPT), "--host", "127.0.0.1", "--port", str(port or 0),
+             "--port-file", str(port_file), *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(proc)
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip(), what="backend port file")
+        return Backend(proc, int(port_file.read_text().strip()))
+
+    yield start
+    for proc in started:
+        _stop_process(proc, grace=5)
+
+
+@pytest.fixture
+def backend(start_backend) -> Backend:
+    return start_backend()
+
+
+# -- the proxy under real gunicorn --------------------------------------------------------
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    config_path: Path
+    env: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def service_entry(port: int, **overrides) -> dict:
+    """A service config for the test image (or a backend process on that port)."""
+    entry = {"type": "llama-cpp-server", "image": TEST_IMAGE, "port": port,
+             "args": ["--host", "0.0.0.0", "--port", "8080"], "stop_timeout": 5}
+    entry.update(overrides)
+    return entry
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    """Factory: write a config and run ``gunicorn -c gunicorn.conf.py wsgi:app`` on it."""
+    started: list[Proxy] = []
+
+    def start(services: dict, *, workers: int = 1, docker_host: str | None = NO_ENGINE,
+              prefix: str | None = None, log_level: str = "DEBUG", env: dict | None = None,
+              wait: bool = True) -> Proxy:
+        port = free_port()
+        config = {"server": {"host": "127.0.0.1", "port": port, "log_level": log_level}, "services": services}
+        if prefix:
+            config["server"]["container_prefix"] = prefix
+        config_path = tmp_path / f"config-{port}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        log_path = tmp_path / f"proxy-{port}.log"
+        proc_env = {**os.environ, "PROXY_CONFIG": str(config_path), "PROXY_WORKERS": str(workers),
+                    "PROXY_GRACEFUL_TIMEOUT": "5", **(env or {})}
+        if docker_host:
+            proc_env["DOCKER_HOST"] = docker_host
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                    cwd=ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT)
+        proxy = Proxy(proc, port, log_path, config_path, proc_env)
+        started.append(proxy)
+        if wait:
+            wait_for_proxy(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        _stop_process(proxy.proc)
+
+
+def wait_for_proxy(proxy: Proxy, timeout: float = 30.0) -> None:
+    def up():
+        if proxy.proc.poll() is not None:
+            raise AssertionError(f"proxy exited with {proxy.proc.returncode}:\n{proxy.log()}")
+        try:
+            return requests.get(f"{proxy.url}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+    wait_until(up, timeout=timeout, what="the proxy's /healthz")
+
+
+# -- the real Docker engine ---------------------------------------------------------------
+
+def _engine_or_skip(reason: str):
+    if IN_CI:
+        pytest.fail(f"CI needs a running Docker engine and the test image: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no engine"
+        _engine_or_skip(f"no Docker engine: {exc}")
+    try:
+        client.images.get(TEST_IMAGE)
+    except docker.errors.ImageNotFound:
+        _engine_or_skip(f"test image {TEST_IMAGE} missing: run tests/setup/build_images.sh")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def container_prefix(docker_client):
+    """A prefix of its own per test; every container under it is removed afterwards."""
+    prefix = f"iptest-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    for container in docker_client.containers.list(all=True, filters={"label": f"io.inference-proxy.instance={prefix}"}):
+        container.remove(force=True)
