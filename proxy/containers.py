@@ -277,14 +277,22 @@ class Containers:
         try:
             return self.client.containers.create(**kwargs)
         except docker.errors.ImageNotFound:
-            logger.info("image {} not found locally; pulling it", service.image)
-            self.client.images.pull(service.image)
+            self._pull(service)
             return self.client.containers.create(**kwargs)
 
+    def _pull(self, service: ServiceConfig) -> None:
+        logger.info("image {} not found locally; pulling it", service.image)
+        try:
+            self.client.images.pull(service.image)
+        except docker.errors.APIError as exc:
+            message = _explanation(exc)
+            logger.error("pulling image {} failed: {}", service.image, message)
+            raise StartFailed(f"Image '{service.image}' is not on this Docker host and pulling it failed: {message}",
+                              service_id=service.id, code="image_unavailable",
+                              hint=hint_for("no such image", service)) from None
+
     def _start_failed(self, service: ServiceConfig, exc: docker.errors.APIError, step: str) -> StartFailed:
-        message = exc.explanation or str(exc)
-        if isinstance(message, bytes):
-            message = message.decode(errors="replace")
+        message = _explanation(exc)
         logger.error("container {} failed to {}: {}", self.name(service.id), step, message)
         return StartFailed(f"Docker could not {step} the container for '{service.id}': {message}",
                            service_id=service.id, hint=hint_for(message, service))
@@ -317,12 +325,17 @@ class Containers:
         except docker.errors.NotFound:
             return info, None  # removed under us: stopped all the same
         except docker.errors.APIError as exc:
-            logger.error("container {} failed to stop: {}", self.name(service.id), exc.explanation or exc)
-            raise StopFailed(f"Docker could not stop the container for '{service.id}': {exc.explanation or exc}",
+            logger.error("container {} failed to stop: {}", self.name(service.id), _explanation(exc))
+            raise StopFailed(f"Docker could not stop the container for '{service.id}': {_explanation(exc)}",
                              service_id=service.id, hint="Try again, or stop it with the docker CLI") from None
         exit_code = result.get("StatusCode")
         logger.info("container {} stopped and removed (exit code {})", self.name(service.id), exit_code)
         return info, exit_code
+
+
+def _explanation(exc: docker.errors.APIError) -> str:
+    message = exc.explanation or str(exc)
+    return message.decode(errors="replace") if isinstance(message, bytes) else message
 
 
 def _check_volume_sources(service: ServiceConfig) -> None:
@@ -342,10 +355,10 @@ def _docker_time(value: str | None) -> str | None:
 
 
 def _age_seconds(created: str | None) -> float:
-    if not created:
-        return float("inf")
+    """Age of a Docker timestamp such as 2026-11-23T23:40:01.123456789Z."""
     try:
-        stamp = datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00" if "." in created else created.replace("Z", "+00:00"))
+        seconds, _, _ = (created or "").rstrip("Z").partition(".")  # nanoseconds are beyond Python
+        stamp = datetime.fromisoformat(seconds).replace(tzinfo=timezone.utc)
     except ValueError:
         return float("inf")
-    return time.time() - stamp.astimezone(timezone.utc).timestamp()
+    return time.time() - stamp.timestamp()
