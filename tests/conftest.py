@@ -42,6 +42,17 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def recv_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20) -> bytes:
+    """Read from a raw socket until the marker has arrived (headers and body may come apart)."""
+    received = b""
+    while marker not in received:
+        data = sock.recv(65536)
+        if not data or len(received) > limit:
+            raise AssertionError(f"connection ended before {marker!r}: {received[:500]!r}")
+        received += data
+    return received
+
+
 def _stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -71,24 +82,32 @@ class Backend:
         return requests.get(f"{self.url}/_stats", timeout=5).json()
 
 
-@pytest.fixture
-def start_backend(tmp_path):
-    """Factory: start the test backend as a process (extra CLI flags allowed)."""
-    started: list[subprocess.Popen] = []
+class _BackendLauncher:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.started: list[subprocess.Popen] = []
 
-    def start(*flags: str, port: int | None = None) -> Backend:
-        port_file = tmp_path / f"backend-{uuid.uuid4().hex}.port"
+    def __call__(self, *flags: str, port: int | None = None) -> Backend:
+        port_file = self.workdir / f"backend-{uuid.uuid4().hex}.port"
         proc = subprocess.Popen(
             [sys.executable, str(BACKEND_SCRIPT), "--host", "127.0.0.1", "--port", str(port or 0),
              "--port-file", str(port_file), *flags],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(proc)
+        self.started.append(proc)
         wait_until(lambda: port_file.exists() and port_file.read_text().strip(), what="backend port file")
         return Backend(proc, int(port_file.read_text().strip()))
 
-    yield start
-    for proc in started:
-        _stop_process(proc, grace=5)
+    def stop_all(self) -> None:
+        for proc in self.started:
+            _stop_process(proc, grace=5)
+
+
+@pytest.fixture
+def start_backend(tmp_path):
+    """Factory: start the test backend as a process (extra CLI flags allowed)."""
+    launcher = _BackendLauncher(tmp_path)
+    yield launcher
+    launcher.stop_all()
 
 
 @pytest.fixture
@@ -122,21 +141,23 @@ def service_entry(port: int, **overrides) -> dict:
     return entry
 
 
-@pytest.fixture
-def start_proxy(tmp_path):
-    """Factory: write a config and run ``gunicorn -c gunicorn.conf.py wsgi:app`` on it."""
-    started: list[Proxy] = []
+class _ProxyLauncher:
+    """Writes a config and runs ``gunicorn -c gunicorn.conf.py wsgi:app`` on it."""
 
-    def start(services: dict, *, workers: int = 1, docker_host: str | None = NO_ENGINE,
-              prefix: str | None = None, log_level: str = "DEBUG", env: dict | None = None,
-              wait: bool = True) -> Proxy:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.started: list[Proxy] = []
+
+    def __call__(self, services: dict, *, workers: int = 1, docker_host: str | None = NO_ENGINE,
+                 prefix: str | None = None, log_level: str = "DEBUG", env: dict | None = None,
+                 wait: bool = True) -> Proxy:
         port = free_port()
         config = {"server": {"host": "127.0.0.1", "port": port, "log_level": log_level}, "services": services}
         if prefix:
             config["server"]["container_prefix"] = prefix
-        config_path = tmp_path / f"config-{port}.yaml"
+        config_path = self.workdir / f"config-{port}.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        log_path = tmp_path / f"proxy-{port}.log"
+        log_path = self.workdir / f"proxy-{port}.log"
         proc_env = {**os.environ, "PROXY_CONFIG": str(config_path), "PROXY_WORKERS": str(workers),
                     "PROXY_GRACEFUL_TIMEOUT": "5", **(env or {})}
         if docker_host:
@@ -145,14 +166,32 @@ def start_proxy(tmp_path):
             proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
                                     cwd=ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT)
         proxy = Proxy(proc, port, log_path, config_path, proc_env)
-        started.append(proxy)
+        self.started.append(proxy)
         if wait:
             wait_for_proxy(proxy)
         return proxy
 
-    yield start
-    for proxy in started:
-        _stop_process(proxy.proc)
+    def stop_all(self) -> None:
+        for proxy in self.started:
+            _stop_process(proxy.proc)
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    """Factory: a proxy under real gunicorn for one test."""
+    launcher = _ProxyLauncher(tmp_path)
+    yield launcher
+    launcher.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_launchers(tmp_path_factory):
+    """A backend and proxy factory shared by a module's tests, to save start-up time."""
+    workdir = tmp_path_factory.mktemp("shared")
+    backends, proxies = _BackendLauncher(workdir), _ProxyLauncher(workdir)
+    yield backends, proxies
+    proxies.stop_all()
+    backends.stop_all()
 
 
 def wait_for_proxy(proxy: Proxy, timeout: float = 30.0) -> None:

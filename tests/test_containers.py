@@ -6,16 +6,18 @@ afterwards, even when the test fails (the ``container_prefix`` fixture).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import socket
 import time
+import uuid
 
 import docker
 import openai
 import pytest
 import requests
 
-from conftest import TEST_IMAGE, free_port, service_entry, wait_until, wait_for_proxy
+from conftest import TEST_IMAGE, free_port, recv_until, service_entry, wait_until
 from docker_relay import DockerRelay
 
 pytestmark = pytest.mark.engine
@@ -355,3 +357,38 @@ services:
     requests_ = created.attrs["HostConfig"]["DeviceRequests"]
     assert requests_ == [{"Driver": "", "Count": 0, "DeviceIDs": ["0", "2"], "Capabilities": [["gpu"]],
                           "Options": {}}]
+
+
+# -- streaming through a real container -------------------------------------------------------
+
+def test_sse_through_a_container_arrives_event_by_event(engine_proxy):
+    proxy = engine_proxy()
+    start_ready(proxy)
+    response = requests.get(f"{proxy.url}/service/llm/stream", params={"events": 5, "delay": 0.3},
+                            stream=True, timeout=30)
+    arrivals, buffer = [], b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event != b"data: [DONE]":
+                arrivals.append((json.loads(event[6:]), time.time()))
+    assert [event["seq"] for event, _ in arrivals] == list(range(5))
+    for (_, arrived), (following, _) in zip(arrivals, arrivals[1:]):
+        assert arrived < following["sent_at"]  # here before the container sent the next one
+
+
+def test_client_leaving_closes_the_container_upstream(engine_proxy):
+    proxy = engine_proxy()
+    start_ready(proxy)
+    test_id = uuid.uuid4().hex
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(f"GET /service/llm/stream?events=1000&delay=0.2 HTTP/1.1\r\nHost: x\r\nX-Test-Id: {test_id}\r\n\r\n"
+                 .encode())
+    recv_until(sock, b"data: ")
+    sock.close()
+    disconnects = wait_until(
+        lambda: requests.get(f"{proxy.url}/service/llm/_disconnects", params={"test_id": test_id},
+                             timeout=10).json()["disconnects"],
+        timeout=3, what="the container's backend to see the client leave")
+    assert disconnects[0]["phase"] == "mid_stream"

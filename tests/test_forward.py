@@ -15,14 +15,16 @@ import openai
 import pytest
 import requests
 
-from conftest import service_entry, wait_until
+from conftest import free_port, recv_until, service_entry, wait_until
 
 MB = 1024 * 1024
 
 
-@pytest.fixture
-def routed(backend, start_proxy):
-    """A proxy with service 'llm' pointing at a backend process."""
+@pytest.fixture(scope="module")
+def routed(module_launchers):
+    """A proxy with service 'llm' pointing at a backend process, shared by the module."""
+    start_backend, start_proxy = module_launchers
+    backend = start_backend()
     proxy = start_proxy({"llm": service_entry(backend.port, timeouts={"connect": 2, "read": 5})})
     return proxy, backend
 
@@ -166,7 +168,6 @@ def test_environment_proxy_variables_never_apply_to_backends(backend, start_prox
 
 @pytest.fixture
 def free_dead_port():
-    from conftest import free_port
     return free_port()
 
 
@@ -283,7 +284,7 @@ def test_client_leaving_mid_stream_closes_the_upstream(routed):
     proxy, backend = routed
     test_id = uuid.uuid4().hex
     sock = _chat_request(proxy.port, test_id, "?delay=0.5")
-    assert b"data: " in sock.recv(65536)  # the first token is here
+    recv_until(sock, b"data: ")  # the first token is here
     sock.close()
     left = wait_until(lambda: backend.disconnects(test_id), timeout=3, what="the backend to see the client leave")
     assert left[0]["phase"] == "mid_stream"
