@@ -10,6 +10,7 @@ import urllib3.exceptions
 from flask import Blueprint, Response, current_app, request
 from loguru import logger
 
+from .config import ServiceConfig
 from .disconnect import stop_watching, watch_client
 from .errors import ProxyError, ServiceNotFound, ServiceNotRunning, UpstreamTimeout, UpstreamUnreachable
 from .upstream import Exchange, SizedBody, chunked_body, iter_body, request_headers, response_headers
@@ -34,22 +35,27 @@ def forward(service_id: str, path: str):
 
     environ = request.environ
     upstream_host = f"127.0.0.1:{service.port}"
-    url = f"http://{upstream_host}{upstream_target(environ, service_id)}"
+    target = upstream_target(environ, service_id)
+    url = f"http://{upstream_host}{target}"
     headers = request_headers(environ, upstream_host)
     body = request_body(environ, headers)
+    if service.max_body_size is not None:
+        body = limit_body(body, service)
     label = f"{request.method} {service_id}"
-    logger.debug("forward {} -> {}", label, url)
+    logger.debug("forward {} -> http://{}{}", label, upstream_host, target.partition("?")[0])  # no query: keys
 
     exchange = Exchange()
     watcher = watch_client(environ, exchange, label)
     try:
         upstream = runtime.upstream.send(request.method, url, headers, body,
                                          (service.timeouts.connect, service.timeouts.read), exchange)
-    except (requests.RequestException, OSError) as exc:
+    except (requests.RequestException, OSError, BodyTooLarge) as exc:
         exchange.done = True
         stop_watching(watcher)
         if exchange.client_gone:
             return Response(status=499)  # nobody is listening; nginx's code for it in the logs
+        if isinstance(exc, BodyTooLarge):
+            raise  # a chunked upload went over the limit: the upstream connection was dropped
         raise _upstream_error(service_id, upstream_host, exc) from None
 
     headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"))
@@ -98,6 +104,35 @@ def request_body(environ: dict, headers: dict):
     return None
 
 
+class BodyTooLarge(ProxyError):
+    status, code = 413, "body_too_large"
+
+    def __init__(self, service: ServiceConfig):
+        super().__init__(f"Request body is larger than the {service.max_body_size} bytes service "
+                         f"'{service.id}' accepts", service_id=service.id,
+                         hint=f"services.{service.id}.max_body_size sets the limit")
+
+
+def limit_body(body, service: ServiceConfig):
+    """Refuse a body over the service's ``max_body_size``: at once when its length says so,
+    else (chunked) when the count goes over while it streams up; raising there makes urllib3
+    drop the upstream connection mid-body, and the client still gets the 413."""
+    if isinstance(body, SizedBody) and len(body) > service.max_body_size:
+        raise BodyTooLarge(service)
+    if body is None or isinstance(body, (bytes, SizedBody)):
+        return body
+    return _counted(body, service)
+
+
+def _counted(chunks, service: ServiceConfig):
+    sent = 0
+    for chunk in chunks:
+        sent += len(chunk)
+        if sent > service.max_body_size:
+            raise BodyTooLarge(service)
+        yield chunk
+
+
 def _upstream_error(service_id: str, upstream_host: str, exc: Exception) -> ProxyError:
     if isinstance(exc, requests.ReadTimeout):
         return UpstreamTimeout(f"Service '{service_id}' sent no response headers within its read timeout",
@@ -116,8 +151,15 @@ def _relay(upstream: requests.Response, exchange: Exchange, label: str):
     chunk) so the client sees an incomplete response: raising ECONNRESET makes gunicorn
     close the socket quietly.
     """
+    raw = upstream.raw
     try:
-        yield from iter_body(upstream)
+        for chunk in iter_body(upstream):
+            if raw.connection is None:
+                # Read to the end: the connection is back in the pool, maybe already
+                # serving another request, so a client leaving now must not cut it.
+                exchange.done = True
+            yield chunk
+        exchange.done = True
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         if exchange.client_gone:
             return
