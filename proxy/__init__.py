@@ -23,6 +23,7 @@ def create_app(config=None, docker_client=None):
     from flask import Flask
 
     from . import admin, forward, health
+    from .auth import register_auth
     from .config import config_path, load_config
     from .errors import register_error_handlers
     from .log import setup_logging
@@ -36,6 +37,7 @@ def create_app(config=None, docker_client=None):
     app = Flask(__name__)
     app.extensions["proxy"] = Runtime(config, docker_client=docker_client)
     register_error_handlers(app)
+    register_auth(app, config.server)  # admin token, API keys: only what is configured
     if config.server.log_level == "DEBUG":
         register_request_log(app)
     app.register_blueprint(health.bp)

@@ -19,7 +19,7 @@ import os
 import re
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 from marshmallow import (RAISE, Schema, ValidationError, fields, post_load, pre_load, validate,
@@ -30,6 +30,7 @@ from .envsubst import expand_tree
 __all__ = [
     "Config", "ConfigError", "LOG_LEVELS", "Resources", "SERVICE_TYPES", "ServerConfig",
     "ServiceConfig", "Timeouts", "Volume", "config_path", "load_config", "load_config_text",
+    "parse_size",
 ]
 
 # Per-type defaults; the keys are also the allowed values of `type`.
@@ -84,6 +85,7 @@ class ServiceConfig:
     health_path: str
     timeouts: Timeouts
     stop_timeout: float
+    max_body_size: int | None = None  # bytes a request body may have; None: no limit
 
     def to_dict(self, *, redact: bool = False) -> dict:
         """A plain JSON-able dict: for hashing the config (redact=False) and for printing
@@ -103,6 +105,9 @@ class ServerConfig:
     port: int = 11000
     log_level: str = "INFO"
     container_prefix: str = "inference-proxy"  # containers are named <prefix>-<service id>
+    # Secrets: kept out of repr() so a logged config never shows them.
+    admin_token: str | None = field(default=None, repr=False)  # None: /api/v1 is open
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /service/... is open
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ ENV_NAME_ERROR = "Environment variable names must match [A-Za-z_][A-Za-z0-9_]*."
 GPUS_ERROR = "Must be 'all', a positive count, or a list of device ids."
 VOLUME_ERROR = "Must be 'HOST:CONTAINER[:ro|rw]' with absolute paths."
 SIZE_ERROR = "Must be a size like '16g': a number with an optional b, k, m or g suffix."
+TOKEN = re.compile(r"[!-~]+\Z")  # printable ASCII, no spaces: it must fit in "Bearer <token>"
+TOKEN_ERROR = "Must be a non-empty token of printable ASCII characters without spaces."
 UNKNOWN_FIELD = "Unknown field."
 LOG_LEVEL_ERROR = f"PROXY_LOG_LEVEL: Must be one of: {', '.join(LOG_LEVELS)}."
 PORT_RANGE = validate.Range(min=1, max=65535)
@@ -166,6 +173,43 @@ class Size(Text):
 
     def __init__(self, **kwargs):
         super().__init__(validate=validate.Regexp(SIZE, flags=re.IGNORECASE, error=SIZE_ERROR), **kwargs)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size of the SIZE form, counted as docker's parse_bytes does (k, m, g are
+    multiples of 1024, a fraction is rounded down), without importing docker.
+
+    Raises:
+        OverflowError: the number is beyond a float's range.
+    """
+    text = text.lower()
+    if len(text) > 1 and text[-1] == "b" and text[-2] in "kmg":
+        text = text[:-1]
+    unit = text[-1] if text[-1] in _SIZE_UNITS else ""
+    return int(float(text[:len(text) - len(unit)]) * _SIZE_UNITS[unit])
+
+
+class ByteSize(Text):
+    """A byte size like "10m" (the same forms as Size), loaded as a number of bytes."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            if re.match(SIZE, text, flags=re.IGNORECASE):
+                return parse_size(text)
+        except OverflowError:
+            pass
+        raise ValidationError(SIZE_ERROR)
+
+
+class Token(Text):
+    """A secret (a token or an API key); its value never appears in a message."""
+
+    def __init__(self, **kwargs):
+        super().__init__(validate=validate.Regexp(TOKEN, error=TOKEN_ERROR), **kwargs)
 
 
 class LogLevel(fields.String):
@@ -304,6 +348,7 @@ class ServiceSchema(StrictSchema):
         r"/\S*\Z", error="Must be a path starting with '/'."))  # default from SERVICE_TYPES
     timeouts = fields.Nested(TimeoutsSchema, load_default=Timeouts())
     stop_timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0))
+    max_body_size = ByteSize(load_default=None)
 
     @post_load
     def _fill_in(self, data, **kwargs):
@@ -324,10 +369,12 @@ class ServerSchema(StrictSchema):
     container_prefix = fields.String(load_default="inference-proxy", validate=validate.Regexp(
         r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z",
         error="Must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit."))
+    admin_token = Token(load_default=None)
+    api_keys = fields.List(Token(), load_default=())
 
     @post_load
     def _build(self, data, **kwargs):
-        return ServerConfig(**data)
+        return ServerConfig(**{**data, "api_keys": tuple(data["api_keys"])})
 
 
 class ConfigSchema(StrictSchema):

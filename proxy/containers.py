@@ -75,9 +75,15 @@ class ContainerInfo:
         return asdict(self)
 
 
+# What shapes the container; timeouts, health paths and body limits are the proxy's own
+# business, so changing them does not make a running container stale.
+_CONTAINER_FIELDS = ("type", "image", "port", "container_port", "args", "volumes", "environment", "resources")
+
+
 def config_hash(service: ServiceConfig) -> str:
     """A short, stable digest of everything that shapes the container."""
-    encoded = json.dumps(service.to_dict(), sort_keys=True, separators=(",", ":"))
+    shaping = {name: value for name, value in service.to_dict().items() if name in _CONTAINER_FIELDS}
+    encoded = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()[:16]
 
 

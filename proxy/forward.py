@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 import urllib3.exceptions
 from flask import Blueprint, Response, current_app, request
+from gunicorn.http.errors import ParseException as MalformedBody
 from loguru import logger
 
 from .config import ServiceConfig
@@ -18,13 +19,15 @@ from .upstream import Exchange, SizedBody, chunked_body, iter_body, request_head
 bp = Blueprint("forward", __name__)
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-_ROUTE = {"methods": METHODS, "provide_automatic_options": False}
+# Forwarded as sent, never redirected by werkzeug: not a path with "//" (merge_slashes), nor
+# /service/<id> to /service/<id>/ (which rules with `defaults` would do).
+_ROUTE = {"methods": METHODS, "provide_automatic_options": False, "merge_slashes": False}
 
 
-@bp.route("/service/<service_id>", defaults={"path": ""}, **_ROUTE)
-@bp.route("/service/<service_id>/", defaults={"path": ""}, **_ROUTE)
+@bp.route("/service/<service_id>", **_ROUTE)
+@bp.route("/service/<service_id>/", **_ROUTE)
 @bp.route("/service/<service_id>/<path:path>", **_ROUTE)
-def forward(service_id: str, path: str):
+def forward(service_id: str, path: str = ""):
     runtime = current_app.extensions["proxy"]
     service = runtime.config.services.get(service_id)
     if service is None:
@@ -57,6 +60,11 @@ def forward(service_id: str, path: str):
         if isinstance(exc, BodyTooLarge):
             raise  # a chunked upload went over the limit: the upstream connection was dropped
         raise _upstream_error(service_id, upstream_host, exc) from None
+    except MalformedBody as exc:  # gunicorn's reader of a chunked body met bytes that are not chunks
+        exchange.done = True
+        stop_watching(watcher)
+        raise ProxyError(f"The request body is malformed: {exc}", status=400, code="invalid_body",
+                         service_id=service_id) from None
 
     headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"))
     response = Response(_relay(upstream, exchange, label), status=f"{upstream.status_code} {upstream.reason}",

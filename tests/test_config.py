@@ -24,6 +24,7 @@ from proxy.config import (
     config_path,
     load_config,
     load_config_text,
+    parse_size,
 )
 from proxy.envsubst import expand
 
@@ -532,6 +533,84 @@ def test_secret_values_are_never_echoed_in_messages():
     message = str(info.value)
     assert len(info.value.errors) >= 20  # every field above failed...
     assert SECRET not in message and "s3cr3t" not in message  # ...without showing the value
+
+
+# ---------------------------------------------------------------- access: tokens, keys, body size
+
+TOKEN = "Must be a non-empty token of printable ASCII characters without spaces."
+
+
+def test_admin_token_and_api_keys_come_from_variables_and_stay_out_of_repr():
+    config = load("server:\n  admin_token: ${ADMIN}\n  api_keys: ['${K1}', k2-literal, 12345]\n",
+                  ADMIN="adm-secret-1", K1="key-secret-2")
+    assert config.server.admin_token == "adm-secret-1"
+    assert config.server.api_keys == ("key-secret-2", "k2-literal", "12345")
+    assert "secret" not in repr(config) and "k2-literal" not in repr(config.server)
+
+
+@pytest.mark.parametrize("text", ["", "server: {admin_token: null, api_keys: null}\n", "server: {api_keys: []}\n"])
+def test_no_token_and_no_keys_by_default(text):
+    server = load(text).server
+    assert server.admin_token is None and server.api_keys == ()
+
+
+@pytest.mark.parametrize("written, expected", [
+    ("10m", 10 * 1024 ** 2), ("64k", 65536), ("64K", 65536), ("64kb", 65536), ("1g", 1024 ** 3),
+    ("16GB", 16 * 1024 ** 3), ("1.5k", 1536), ("100b", 100), ("100", 100), ("0", 0), (12345, 12345),
+])
+def test_max_body_size_is_loaded_as_bytes(written, expected):
+    assert load(service(f"    max_body_size: {written}\n")).services["a"].max_body_size == expected
+
+
+def test_max_body_size_defaults_to_no_limit():
+    assert load(service()).services["a"].max_body_size is None
+    assert load(service("    max_body_size:\n")).services["a"].max_body_size is None
+
+
+@pytest.mark.parametrize("size", ["16g", "16G", "16gb", "512m", "1024k", "1.5g", "1.7m", "0.5k", "1073741824",
+                                  "100b", "3B", "0", "999999999999"])
+def test_parse_size_counts_as_docker_does(size):
+    from docker.utils import parse_bytes  # only here: the config module must not import docker
+
+    assert parse_size(size) == parse_bytes(size)
+
+
+ACCESS_FAILURES = {
+    "admin_token_empty": ("server: {admin_token: ''}\n", [f"config.yaml: server.admin_token: {TOKEN}"]),
+    "admin_token_with_space": ("server: {admin_token: 'a b'}\n", [f"config.yaml: server.admin_token: {TOKEN}"]),
+    "admin_token_not_ascii": ("server: {admin_token: 'tökén'}\n", [f"config.yaml: server.admin_token: {TOKEN}"]),
+    "admin_token_list": ("server: {admin_token: [a]}\n", ["config.yaml: server.admin_token: Not a valid string."]),
+    "admin_token_unset_variable": (
+        "server: {admin_token: '${PROXY_ADMIN_TOKEN}'}\n",
+        ["config.yaml: server.admin_token: Environment variable 'PROXY_ADMIN_TOKEN' is not set "
+         "(use ${PROXY_ADMIN_TOKEN:-default} for a default)."]),
+    "admin_token_empty_default": (
+        "server: {admin_token: '${PROXY_ADMIN_TOKEN:-}'}\n", [f"config.yaml: server.admin_token: {TOKEN}"]),
+    "api_keys_not_a_list": ("server: {api_keys: key}\n", ["config.yaml: server.api_keys: Not a valid list."]),
+    "api_keys_empty_and_spaced": (
+        "server: {api_keys: [ok, '', 'a b', null]}\n",
+        [f"config.yaml: server.api_keys.1: {TOKEN}", f"config.yaml: server.api_keys.2: {TOKEN}",
+         "config.yaml: server.api_keys.3: Field may not be null."]),
+    "max_body_size_words": (service("    max_body_size: 10 MB\n"), [f"config.yaml: services.a.max_body_size: {SIZE}"]),
+    "max_body_size_unit": (service("    max_body_size: 10t\n"), [f"config.yaml: services.a.max_body_size: {SIZE}"]),
+    "max_body_size_negative": (service("    max_body_size: -1\n"), [f"config.yaml: services.a.max_body_size: {SIZE}"]),
+    "max_body_size_bool": (service("    max_body_size: true\n"), [f"config.yaml: services.a.max_body_size: {SIZE}"]),
+    "max_body_size_beyond_a_float": (
+        service(f"    max_body_size: '{'9' * 400}'\n"), [f"config.yaml: services.a.max_body_size: {SIZE}"]),
+}
+
+
+@pytest.mark.parametrize("text, expected", ACCESS_FAILURES.values(), ids=ACCESS_FAILURES.keys())
+def test_invalid_access_keys_report_exact_lines(text, expected):
+    assert errors_of(text) == expected
+
+
+def test_tokens_are_never_echoed_in_messages():
+    text = ("server:\n  admin_token: '${S} x'\n  api_keys: ['${S} y', ['${S}']]\n"
+            + service("    max_body_size: '${S}'\n"))
+    errors = errors_of(text, S=SECRET)
+    assert len(errors) == 4
+    assert not any("s3cr3t" in line for line in errors)
 
 
 # ---------------------------------------------------------------- files and paths

@@ -63,9 +63,10 @@ def test_labels_mark_the_container_as_ours_for_its_service():
     assert Containers("pfx").name("llm") == "pfx-llm"
 
 
-def test_config_hash_changes_with_the_service_config_only():
+def test_config_hash_changes_with_what_shapes_the_container_only():
     assert config_hash(_service()) == config_hash(_service())
     assert config_hash(_service()) != config_hash(_service("    args: [\"--ctx\", \"4096\"]"))
+    assert config_hash(_service()) == config_hash(_service("    timeouts: {read: 5}\n    max_body_size: 1m"))
 
 
 def test_making_the_container_module_creates_no_docker_client():

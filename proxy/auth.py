@@ -1,0 +1,114 @@
+"""Who may call the proxy: a bearer token for the admin API, API keys for the proxy routes.
+
+Both are off unless configured (``server.admin_token``, ``server.api_keys``). A check is
+registered only for what is configured, and only for its own blueprint's requests, so the
+forwarding path pays nothing when no API keys are set. ``/healthz`` is always open.
+
+The key meant for the proxy is not forwarded: after a successful check the
+``Authorization`` header that carried a proxy key, and any ``X-Api-Key``, are removed from
+the WSGI environ, which is where the forwarder reads the headers it sends upstream. An
+``Authorization`` header with another value, sent beside the proxy key in ``X-Api-Key``,
+stays: it may be the backend's own key.
+
+Tokens are compared in constant time, as bytes, against every key (no early exit), and
+never logged: refusals log the error code and message only.
+"""
+from __future__ import annotations
+
+import hmac
+
+from flask import Flask, Response, request
+
+from . import admin, forward
+from .config import ServerConfig
+from .errors import ProxyError, error_response
+
+_REALM = 'Bearer realm="inference-proxy"'
+
+
+class Unauthorized(ProxyError):
+    """401; answered with a ``WWW-Authenticate: Bearer`` challenge (RFC 6750)."""
+
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str, *, presented: bool, **kwargs):
+        super().__init__(message, **kwargs)
+        # A token that was sent but is wrong gets error="invalid_token"; a missing one none.
+        self.challenge = f'{_REALM}, error="invalid_token"' if presented else _REALM
+
+
+def register_auth(app: Flask, server: ServerConfig) -> None:
+    """Install the checks that the config asks for, each on its blueprint's requests only."""
+    if server.admin_token is None and not server.api_keys:
+        return
+    app.register_error_handler(Unauthorized, _challenge)
+    if server.admin_token is not None:
+        app.before_request_funcs.setdefault(admin.bp.name, []).append(_admin_check(server.admin_token))
+    if server.api_keys:
+        app.before_request_funcs.setdefault(forward.bp.name, []).append(_api_key_check(server.api_keys))
+
+
+def _admin_check(token: str):
+    expected = token.encode()
+
+    def check_admin_token() -> None:
+        presented = _bearer(request.environ.get("HTTP_AUTHORIZATION"))
+        if presented is None:
+            raise Unauthorized("The admin API needs 'Authorization: Bearer <token>' (server.admin_token)",
+                               presented=False)
+        if not hmac.compare_digest(presented, expected):
+            raise Unauthorized("Invalid admin token", presented=True)
+
+    return check_admin_token
+
+
+def _api_key_check(keys: tuple[str, ...]):
+    expected = tuple(key.encode() for key in keys)
+
+    def check_api_key() -> None:
+        environ = request.environ
+        bearer = _bearer(environ.get("HTTP_AUTHORIZATION"))
+        # X-Api-Key is only ever meant for the proxy once keys are configured: never forwarded.
+        header_key = environ.pop("HTTP_X_API_KEY", None)
+        if bearer is not None and _is_key(bearer, expected):
+            del environ["HTTP_AUTHORIZATION"]
+            return
+        if header_key is not None and _is_key(_as_bytes(header_key.strip()), expected):
+            return  # any Authorization header is the backend's own: it stays
+        service_id = (request.view_args or {}).get("service_id")
+        if bearer is None and header_key is None:
+            raise Unauthorized("An API key is needed: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
+                               presented=False, service_id=service_id)
+        raise Unauthorized("Invalid API key", presented=True, service_id=service_id)
+
+    return check_api_key
+
+
+def _bearer(value: str | None) -> bytes | None:
+    """The credentials of an ``Authorization: Bearer <token>`` header (scheme in any case)."""
+    if value is None:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return _as_bytes(credentials.strip())
+
+
+def _as_bytes(text: str) -> bytes:
+    # WSGI header values are latin-1 decoded text; the keys are ASCII (checked at load), so
+    # any other character simply never matches. compare_digest needs bytes for non-ASCII.
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _is_key(candidate: bytes, keys: tuple[bytes, ...]) -> bool:
+    """Compared with every key, without stopping at the first match."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate, key)
+    return found
+
+
+def _challenge(error: Unauthorized) -> Response:
+    response = error_response(error)
+    response.headers["WWW-Authenticate"] = error.challenge
+    return response
