@@ -15,6 +15,7 @@ malformed, produces anything but a ``Config`` or a ``ConfigError``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -28,15 +29,16 @@ from marshmallow import (RAISE, Schema, ValidationError, fields, post_load, pre_
 from .envsubst import expand_tree
 
 __all__ = [
-    "Config", "ConfigError", "LOG_LEVELS", "Resources", "SERVICE_TYPES", "ServerConfig",
-    "ServiceConfig", "Timeouts", "Volume", "config_path", "load_config", "load_config_text",
-    "parse_size",
+    "Config", "ConfigError", "DEFAULT_MAX_QUEUE", "GroupConfig", "LOG_LEVELS", "Resources",
+    "SERVICE_TYPES", "ServerConfig", "ServiceConfig", "Timeouts", "Volume", "config_path",
+    "load_config", "load_config_text", "parse_duration", "parse_size",
 ]
 
 # Per-type defaults; the keys are also the allowed values of `type`.
 SERVICE_TYPES = {"llama-cpp-server": {"container_port": 8080, "health_path": "/health"}}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_CONFIG_PATH = "config.yaml"
+DEFAULT_MAX_QUEUE = 100  # services.<id>.max_queue when only max_concurrent is set
 
 
 class ConfigError(Exception):
@@ -86,12 +88,27 @@ class ServiceConfig:
     timeouts: Timeouts
     stop_timeout: float
     max_body_size: int | None = None  # bytes a request body may have; None: no limit
+    # The OpenAI-compatible front door and the on-demand lifecycle:
+    aliases: tuple[str, ...] = ()  # more model names routed to this service (besides its id)
+    model_name: str | None = None  # when set, the request body's "model" is rewritten to it
+    autostart: bool = False  # a request for a stopped service starts it and waits
+    start_timeout: float = 300.0  # seconds a request waits for an autostarted service
+    idle_timeout: float | None = None  # stop after this many seconds without requests; None: never
+    group: str | None = None  # a key of Config.groups
+    max_concurrent: int | None = None  # requests in flight to the service (all workers); None: no limit
+    max_queue: int | None = None  # requests waiting for a slot; DEFAULT_MAX_QUEUE with max_concurrent
+    drain_timeout: float = 60.0  # seconds in-flight requests get before an exclusive swap or idle stop
+
+    def __post_init__(self):
+        if self.max_concurrent is not None and self.max_queue is None:
+            object.__setattr__(self, "max_queue", DEFAULT_MAX_QUEUE)
 
     def to_dict(self, *, redact: bool = False) -> dict:
         """A plain JSON-able dict: for hashing the config (redact=False) and for printing
         summaries (redact=True replaces environment values, which may be secrets)."""
         data = dataclasses.asdict(self)
         data["args"] = list(self.args)
+        data["aliases"] = list(self.aliases)
         data["volumes"] = [dataclasses.asdict(volume) for volume in self.volumes]
         data["environment"] = {name: "***" if redact else value for name, value in self.environment}
         if isinstance(self.resources.gpus, tuple):
@@ -111,21 +128,59 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    exclusive: bool = False  # at most one service of the group runs at a time
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     services: Mapping[str, ServiceConfig]  # read-only, in file order
     source: str  # the file path (or a label) used in messages
+    groups: Mapping[str, GroupConfig] = field(default_factory=lambda: types.MappingProxyType({}))
+    # (model name, service) for every id and alias, in file order; built once, from services
+    _models: tuple[tuple[str, ServiceConfig], ...] = field(init=False, repr=False, compare=False)
+    _by_model: Mapping[str, ServiceConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        models = tuple((name, service) for service in self.services.values()
+                       for name in (service.id, *service.aliases))
+        by_model: dict[str, ServiceConfig] = {}
+        for name, service in models:
+            by_model.setdefault(name, service)  # the loader makes names unique; first one wins
+        object.__setattr__(self, "_models", models)
+        object.__setattr__(self, "_by_model", types.MappingProxyType(by_model))
+
+    def service_for_model(self, model: str) -> ServiceConfig | None:
+        """The service a model name (a service id or one of its aliases) routes to, or None."""
+        return self._by_model.get(model) if isinstance(model, str) else None
+
+    def models(self) -> list[tuple[str, ServiceConfig]]:
+        """Every model name with its service, in file order: each id, then its aliases."""
+        return list(self._models)
 
 
 # ---------------------------------------------------------------- fields
 
 SERVICE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+GROUP_NAME = re.compile(SERVICE_ID.pattern + r"\Z")  # the same form, for validate.Regexp
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}\Z")  # "llama3:8b", "org/Model-8B"
+# ASCII digits only: \d would also take other scripts' digits ("１０m").
+DURATION = re.compile(r"(\d+(\.\d+)?(ms|s|m|h))+\Z", re.ASCII)  # "90s", "10m", "1h30m", "500ms"
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)", re.ASCII)
+PLAIN_SECONDS = re.compile(r"-?\d+(\.\d+)?\Z", re.ASCII)  # a number as text, as ${VAR} gives
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SIZE = r"\d+(\.\d+)?([kmg]b?|b)?\Z"  # the forms docker's parse_bytes accepts
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")  # an index or a GPU/MIG UUID
 
 SERVICE_ID_ERROR = ("Service id must be 1-63 characters of lowercase letters, digits, "
                     "'-', '_' or '.', starting with a letter or digit.")
+GROUP_NAME_ERROR = ("Group name must be 1-63 characters of lowercase letters, digits, "
+                    "'-', '_' or '.', starting with a letter or digit.")
+MODEL_NAME_ERROR = ("Must be a model name of 1-200 letters, digits, '.', '_', ':', '/' or '-', "
+                    "starting with a letter or digit.")
+DURATION_ERROR = "Must be a duration like '10m', '90s', '1h' or a number of seconds."
 ENV_NAME_ERROR = "Environment variable names must match [A-Za-z_][A-Za-z0-9_]*."
 GPUS_ERROR = "Must be 'all', a positive count, or a list of device ids."
 VOLUME_ERROR = "Must be 'HOST:CONTAINER[:ro|rw]' with absolute paths."
@@ -240,6 +295,63 @@ class Gpus(fields.Field):
         raise self.make_error("invalid")
 
 
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value) -> float | None:
+    """Seconds in a duration: a number (not a bool), a number as text, or units summed like
+    "1h30m" (h, m, s, ms). None when it is none of these or not finite. Not range-checked."""
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond a float's range
+            return None
+    elif isinstance(value, str) and PLAIN_SECONDS.match(value):
+        seconds = float(value)
+    elif isinstance(value, str) and DURATION.match(value):
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in DURATION_PART.findall(value))
+    return seconds if seconds is not None and math.isfinite(seconds) else None
+
+
+class Duration(fields.Field):
+    """A duration in seconds: a number, or a string like "90s", "10m", "1h30m", "500ms".
+    Loaded as a float; give the allowed range with ``validate``."""
+
+    default_error_messages = {"invalid": DURATION_ERROR}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        seconds = parse_duration(value)
+        if seconds is None:
+            raise self.make_error("invalid")
+        return seconds
+
+
+class ModelNames(fields.Field):
+    """A list of model names, loaded as a tuple. On errors the valid part keeps the
+    positions (None where an item failed), so the cross-service checks name the right index."""
+
+    default_error_messages = {"invalid": "Not a valid list."}
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.item = fields.String(validate=validate.Regexp(MODEL_NAME, error=MODEL_NAME_ERROR))
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        names, errors = [], {}
+        for index, item in enumerate(value):
+            try:
+                names.append(self.item.deserialize(item))
+            except ValidationError as exc:
+                names.append(None)
+                errors[index] = exc.messages
+        if errors:
+            raise ValidationError(errors, valid_data=tuple(names))
+        return tuple(names)
+
+
 class VolumeSpec(fields.Field):
     """Docker's short form "HOST:CONTAINER[:ro|rw]"; whether HOST exists is checked at start."""
 
@@ -349,6 +461,22 @@ class ServiceSchema(StrictSchema):
     timeouts = fields.Nested(TimeoutsSchema, load_default=Timeouts())
     stop_timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0))
     max_body_size = ByteSize(load_default=None)
+    aliases = ModelNames(load_default=())
+    model_name = fields.String(load_default=None, validate=validate.Regexp(MODEL_NAME, error=MODEL_NAME_ERROR))
+    autostart = fields.Boolean(load_default=False)
+    start_timeout = Duration(load_default=300.0, validate=validate.Range(min=0, min_inclusive=False))
+    idle_timeout = Duration(load_default=None, validate=validate.Range(min=0, min_inclusive=False))
+    group = fields.String(load_default=None, validate=validate.Regexp(GROUP_NAME, error=GROUP_NAME_ERROR))
+    max_concurrent = Int(load_default=None, validate=validate.Range(min=1))
+    max_queue = Int(load_default=None, validate=validate.Range(min=0))
+    drain_timeout = Duration(load_default=60.0, validate=validate.Range(min=0))
+
+    @validates_schema(skip_on_field_errors=False, pass_original=True)
+    def _queue_needs_a_limit(self, data, original_data, **kwargs):
+        """max_queue sizes max_concurrent's queue: alone it means nothing. Checked on the
+        input, so a max_concurrent that failed to load does not also make this an error."""
+        if data.get("max_queue") is not None and _get(original_data, "max_concurrent") is None:
+            raise ValidationError("Needs max_concurrent.", "max_queue")
 
     @post_load
     def _fill_in(self, data, **kwargs):
@@ -358,7 +486,7 @@ class ServiceSchema(StrictSchema):
         data["args"] = tuple(data["args"])
         data["volumes"] = tuple(data["volumes"])
         data["environment"] = tuple(sorted(data["environment"].items()))
-        return data
+        return data  # ServiceConfig fills in max_queue's default
 
 
 class ServerSchema(StrictSchema):
@@ -377,8 +505,14 @@ class ServerSchema(StrictSchema):
         return ServerConfig(**{**data, "api_keys": tuple(data["api_keys"])})
 
 
+class GroupSchema(StrictSchema):
+    exclusive = fields.Boolean(load_default=False)
+
+
 class ConfigSchema(StrictSchema):
     server = fields.Nested(ServerSchema, load_default=ServerConfig())
+    groups = KeyedDict(GROUP_NAME, GROUP_NAME_ERROR, fields.Nested(GroupSchema, allow_none=True),
+                       load_default=dict)  # a null group: all defaults
     services = KeyedDict(SERVICE_ID, SERVICE_ID_ERROR, fields.Nested(ServiceSchema), load_default=dict)
 
     @validates_schema(skip_on_field_errors=False)
@@ -401,10 +535,45 @@ class ConfigSchema(StrictSchema):
         if errors:
             raise ValidationError({"services": errors})
 
+    @validates_schema(skip_on_field_errors=False)
+    def _model_names_are_unique(self, data, **kwargs):
+        """A model name routes to one service: aliases are unique across all services and
+        are not service ids. The first use in file order keeps it; later ones are errors."""
+        services = data.get("services") or {}
+        users: dict[str, str] = {}
+        errors: dict = {}
+        for service_id, service in services.items():
+            for index, alias in enumerate(_get(service, "aliases") or ()):
+                if alias is None:
+                    continue  # failed its own validation
+                if alias in services:
+                    message = f"Alias '{alias}' is the id of service '{alias}'."
+                elif alias in users:
+                    message = f"Alias '{alias}' is already used by service '{users[alias]}'."
+                else:
+                    users[alias] = service_id
+                    continue
+                errors.setdefault(service_id, {"aliases": {}})["aliases"][index] = [message]
+        if errors:
+            raise ValidationError({"services": errors})
+
+    @validates_schema(skip_on_field_errors=False)
+    def _groups_exist(self, data, **kwargs):
+        if "groups" not in data:
+            return  # `groups` itself is broken: already reported
+        errors = {}
+        for service_id, service in (data.get("services") or {}).items():
+            group = _get(service, "group")
+            if group is not None and group not in data["groups"]:
+                errors[service_id] = {"group": [f"Unknown group '{group}'; define it under groups."]}
+        if errors:
+            raise ValidationError({"services": errors})
+
     @post_load
     def _build(self, data, **kwargs):
         services = {sid: ServiceConfig(id=sid, **kw) for sid, kw in data["services"].items()}
-        return data["server"], services
+        groups = {name: GroupConfig(name=name, **(settings or {})) for name, settings in data["groups"].items()}
+        return data["server"], services, groups
 
 
 def _get(loaded, name):
@@ -482,18 +651,20 @@ def load_config_text(text: str, source: str = DEFAULT_CONFIG_PATH,
     log_level = (environ.get("PROXY_LOG_LEVEL") or "").upper()  # empty counts as unset
     env_errors = [LOG_LEVEL_ERROR] if log_level and log_level not in LOG_LEVELS else []
     try:
-        server, services = _load_document(text, source, environ)
+        server, services, groups = _load_document(text, source, environ)
     except ConfigError as exc:
         raise ConfigError(exc.errors + env_errors) from None
     if env_errors:
         raise ConfigError(env_errors)
     if log_level:
         server = dataclasses.replace(server, log_level=log_level)
-    return Config(server=server, services=types.MappingProxyType(services), source=source)
+    return Config(server=server, services=types.MappingProxyType(services), source=source,
+                  groups=types.MappingProxyType(groups))
 
 
 def _load_document(text: str, source: str, environ: Mapping[str, str]):
-    """-> (ServerConfig, {id: ServiceConfig}), or ConfigError with the file's problems."""
+    """-> (ServerConfig, {id: ServiceConfig}, {name: GroupConfig}), or ConfigError with the
+    file's problems."""
     document = _parse_yaml(text, source)
     if document is None:  # an empty file: all defaults
         document = {}

@@ -1,7 +1,9 @@
 """Tests for proxy.config: loading, defaults, every validation message, and fuzzing."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from proxy.config import (
     Config,
     ConfigError,
+    GroupConfig,
     Resources,
     ServerConfig,
     ServiceConfig,
@@ -24,6 +27,7 @@ from proxy.config import (
     config_path,
     load_config,
     load_config_text,
+    parse_duration,
     parse_size,
 )
 from proxy.envsubst import expand
@@ -515,6 +519,15 @@ services:
     health_path: ${S}
     timeouts: {connect: "${S}", read: "${S}"}
     stop_timeout: ${S}
+    aliases: ["${S} x", ["${S}"]]
+    model_name: "${S} x"
+    autostart: "${S}"
+    start_timeout: "${S}"
+    idle_timeout: "${S}"
+    drain_timeout: "${S}"
+    group: "${S}"
+    max_concurrent: "${S}"
+    max_queue: "${S}"
   b:
     type: llama-cpp-server
     image: i
@@ -531,7 +544,7 @@ def test_secret_values_are_never_echoed_in_messages():
     with pytest.raises(ConfigError) as info:
         load_config_text(SECRET_EVERYWHERE, environ={"S": SECRET, "P": "8081", "PROXY_LOG_LEVEL": SECRET})
     message = str(info.value)
-    assert len(info.value.errors) >= 20  # every field above failed...
+    assert len(info.value.errors) >= 30  # every field above failed...
     assert SECRET not in message and "s3cr3t" not in message  # ...without showing the value
 
 
@@ -611,6 +624,298 @@ def test_tokens_are_never_echoed_in_messages():
     errors = errors_of(text, S=SECRET)
     assert len(errors) == 4
     assert not any("s3cr3t" in line for line in errors)
+
+
+# ---------------------------------------------------------------- front door and lifecycle
+
+MODEL_NAME = ("Must be a model name of 1-200 letters, digits, '.', '_', ':', '/' or '-', "
+              "starting with a letter or digit.")
+DURATION = "Must be a duration like '10m', '90s', '1h' or a number of seconds."
+GROUP_NAME = ("Group name must be 1-63 characters of lowercase letters, digits, '-', '_' or '.', "
+              "starting with a letter or digit.")
+
+
+def services(*bodies: str, groups: str = "") -> str:
+    """A document with services s0, s1, ... (ports 8081, ...); each body holds extra keys."""
+    text = f"groups:\n{groups}" if groups else ""
+    text += "services:\n"
+    for index, body in enumerate(bodies):
+        text += f"  s{index}:\n{MINIMAL_SERVICE}    port: {8081 + index}\n{body}"
+    return text
+
+
+def test_lifecycle_defaults():
+    config = load(service())
+    a = config.services["a"]
+    assert (a.aliases, a.model_name, a.autostart, a.start_timeout, a.idle_timeout, a.group,
+            a.max_concurrent, a.max_queue, a.drain_timeout) == ((), None, False, 300.0, None, None, None, None, 60.0)
+    assert dict(config.groups) == {}
+
+
+def test_null_lifecycle_keys_mean_defaults():
+    config = load(service("    aliases:\n    model_name:\n    autostart:\n    start_timeout:\n    idle_timeout:\n"
+                          "    group:\n    max_concurrent:\n    max_queue:\n    drain_timeout:\n") + "groups:\n")
+    assert config.services["a"] == load(service()).services["a"]
+    assert dict(config.groups) == {}
+
+
+def test_lifecycle_keys_load():
+    config = load(service(
+        "    aliases: ['llama3:8b', meta-llama/Llama-3-8B, Q.w_e-n/2.5:7B]\n"
+        "    model_name: meta-llama/Meta-Llama-3-8B-Instruct\n    autostart: true\n"
+        "    start_timeout: 2m\n    idle_timeout: 1h30m\n    group: gpu0\n"
+        "    max_concurrent: 4\n    max_queue: 0\n    drain_timeout: 0\n") + "groups: {gpu0: {exclusive: true}}\n")
+    a = config.services["a"]
+    assert a.aliases == ("llama3:8b", "meta-llama/Llama-3-8B", "Q.w_e-n/2.5:7B")
+    assert a.model_name == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert (a.autostart, a.start_timeout, a.idle_timeout, a.group) == (True, 120.0, 5400.0, "gpu0")
+    assert (a.max_concurrent, a.max_queue, a.drain_timeout) == (4, 0, 0.0)
+    assert dict(config.groups) == {"gpu0": GroupConfig(name="gpu0", exclusive=True)}
+
+
+def test_lifecycle_keys_come_from_variables():
+    config = load(service("    autostart: ${AUTO}\n    idle_timeout: ${IDLE}\n    start_timeout: ${START}\n"
+                          "    max_concurrent: ${MC}\n    max_queue: ${MQ}\n    aliases: ['${ALIAS}']\n"),
+                  AUTO="true", IDLE="10m", START="2.5", MC="3", MQ="7", ALIAS="llama3:8b")
+    a = config.services["a"]
+    assert (a.autostart, a.idle_timeout, a.start_timeout, a.max_concurrent, a.max_queue, a.aliases) == (
+        True, 600.0, 2.5, 3, 7, ("llama3:8b",))
+
+
+@pytest.mark.parametrize("max_concurrent, max_queue, expected", [
+    ("", "", (None, None)),
+    ("    max_concurrent: 1\n", "", (1, 100)),  # the queue defaults to 100 with a limit
+    ("    max_concurrent: 2\n", "    max_queue:\n", (2, 100)),
+    ("    max_concurrent: 2\n", "    max_queue: 0\n", (2, 0)),  # no waiting: refuse at once
+    ("    max_concurrent: 2\n", "    max_queue: 5000\n", (2, 5000)),
+])
+def test_max_queue_is_stored_as_its_effective_value(max_concurrent, max_queue, expected):
+    a = load(service(max_concurrent + max_queue)).services["a"]
+    assert (a.max_concurrent, a.max_queue) == expected
+
+
+def test_service_config_fills_in_max_queue_when_constructed_directly():
+    assert dataclasses.replace(LLAMA3, max_concurrent=3).max_queue == 100
+    assert LLAMA3.max_queue is None
+
+
+@pytest.mark.parametrize("yaml_value, expected", [
+    ("true", True), ("false", False), ("yes", True), ("'on'", True), ("'0'", False), ("1", True),
+])
+def test_autostart_forms(yaml_value, expected):
+    assert load(service(f"    autostart: {yaml_value}\n")).services["a"].autostart is expected
+
+
+@pytest.mark.parametrize("written, seconds", [
+    ("90", 90.0), ("1.5", 1.5), ("0.25", 0.25), ("'90'", 90.0), ("'2.5'", 2.5), ("90s", 90.0), ("10m", 600.0),
+    ("1h", 3600.0), ("1h30m", 5400.0), ("500ms", 0.5), ("1.5h", 5400.0), ("2m30s", 150.0),
+    ("1h1m1s1ms", 3661.001), ("0.5s", 0.5), ("1s500ms", 1.5), ("100000h", 360000000.0),
+])
+def test_durations(written, seconds):
+    a = load(service(f"    start_timeout: {written}\n    idle_timeout: {written}\n"
+                     f"    drain_timeout: {written}\n")).services["a"]
+    assert a.start_timeout == a.idle_timeout == a.drain_timeout == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (90, 90.0), (1.5, 1.5), ("90", 90.0), ("-1", -1.0), (-2, -2.0), ("0", 0.0), ("0s", 0.0), ("1h30m", 5400.0),
+    ("500ms", 0.5), ("1m1m", 120.0),
+    (True, None), (None, None), ("", None), ("10", 10.0), ("10 m", None), (" 10m", None), ("10m ", None),
+    ("10min", None), ("10M", None), ("1d", None), ("m", None), ("1.h", None), (".5h", None), ("-1s", None),
+    ("1e3", None), ("inf", None), ("nan", None), (float("inf"), None), (float("nan"), None),
+    (10 ** 400, None), ("9" * 400 + "h", None), ("9" * 400, None), ([1], None), ({"s": 1}, None),
+    ("10m\n", None), ("１０m", None),  # full-width digits are not \d here
+])
+def test_parse_duration(value, seconds):
+    result = parse_duration(value)
+    assert result == (None if seconds is None else pytest.approx(seconds))
+
+
+def test_config_groups_are_read_only_and_keep_file_order():
+    config = load("groups: {z: {exclusive: true}, a: {}, m: }\n")
+    assert list(config.groups) == ["z", "a", "m"]
+    assert config.groups["m"] == GroupConfig(name="m", exclusive=False)  # null: all defaults
+    with pytest.raises(TypeError):
+        config.groups["new"] = GroupConfig("new")  # type: ignore[index]
+
+
+def test_service_for_model_by_id_and_alias():
+    config = load(services("    aliases: ['llama3:8b', meta-llama/Llama-3-8B]\n", "",
+                           "    aliases: [qwen]\n"))
+    s0, s1, s2 = config.services.values()
+    assert config.service_for_model("s0") is s0
+    assert config.service_for_model("llama3:8b") is s0
+    assert config.service_for_model("meta-llama/Llama-3-8B") is s0
+    assert config.service_for_model("s1") is s1
+    assert config.service_for_model("qwen") is s2
+
+
+@pytest.mark.parametrize("model", ["nope", "", "S0", "LLAMA3:8B", "llama3", " s0", "s0 ", None, 5, ["s0"], {"a": 1}])
+def test_service_for_model_unknown_is_none(model):
+    config = load(services("    aliases: ['llama3:8b']\n"))
+    assert config.service_for_model(model) is None  # exact names only; never raises
+
+
+def test_models_lists_ids_then_aliases_in_file_order():
+    config = load("services:\n"
+                  f"  zeta:\n{MINIMAL_SERVICE}    port: 9001\n    aliases: [z2, z1]\n"
+                  f"  alpha:\n{MINIMAL_SERVICE}    port: 9002\n"
+                  f"  mid:\n{MINIMAL_SERVICE}    port: 9003\n    aliases: [m:1]\n")
+    zeta, alpha, mid = config.services.values()
+    assert config.models() == [("zeta", zeta), ("z2", zeta), ("z1", zeta), ("alpha", alpha), ("mid", mid),
+                               ("m:1", mid)]
+    assert load("").models() == []
+
+
+def test_direct_construction_keeps_working_and_builds_the_lookup():
+    config = Config(server=ServerConfig(), services={"llama3": LLAMA3}, source="x")
+    assert dict(config.groups) == {}
+    assert config.models() == [("llama3", LLAMA3)]
+    assert config.service_for_model("llama3") is LLAMA3
+    aliased = dataclasses.replace(LLAMA3, aliases=("l3",))
+    replaced = dataclasses.replace(config, services={"llama3": aliased})  # the lookup is rebuilt
+    assert replaced.service_for_model("l3") is aliased
+    assert "_by_model" not in repr(config) and config == load_config_text(FULL_EXAMPLE, source="x",
+                                                                          environ={"HF_TOKEN": "hf_abc"})
+
+
+def test_to_dict_includes_the_lifecycle_keys_as_plain_json():
+    config = load(services("    aliases: [x, 'y:1']\n    autostart: true\n    idle_timeout: 10m\n    group: g\n"
+                           "    max_concurrent: 2\n", groups="  g: {exclusive: true}\n"))
+    data = config.services["s0"].to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert {key: data[key] for key in ("aliases", "model_name", "autostart", "start_timeout", "idle_timeout",
+                                       "group", "max_concurrent", "max_queue", "drain_timeout")} == {
+        "aliases": ["x", "y:1"], "model_name": None, "autostart": True, "start_timeout": 300.0,
+        "idle_timeout": 600.0, "group": "g", "max_concurrent": 2, "max_queue": 100, "drain_timeout": 60.0}
+
+
+LIFECYCLE_FAILURES = {
+    "aliases_not_a_list": (service("    aliases: llama3\n"), ["config.yaml: services.a.aliases: Not a valid list."]),
+    "bad_aliases": (
+        service(f"    aliases: [ok, '', 'a b', 5, null, [x], -x, /x, \"x\\ty\", \"nl\\n\", {'x' * 201}, é, 'a@b', ok2]\n"),
+        [f"config.yaml: services.a.aliases.1: {MODEL_NAME}",
+         f"config.yaml: services.a.aliases.2: {MODEL_NAME}",
+         "config.yaml: services.a.aliases.3: Not a valid string.",
+         "config.yaml: services.a.aliases.4: Field may not be null.",
+         "config.yaml: services.a.aliases.5: Not a valid string.",
+         *[f"config.yaml: services.a.aliases.{i}: {MODEL_NAME}" for i in range(6, 13)]]),
+    "alias_of_200_characters_is_fine_201_is_not": (
+        service(f"    aliases: [{'x' * 200}, {'y' * 201}]\n"), [f"config.yaml: services.a.aliases.1: {MODEL_NAME}"]),
+    "alias_used_twice_in_one_service": (
+        service("    aliases: [x, y, x]\n"), ["config.yaml: services.a.aliases.2: Alias 'x' is already used by service 'a'."]),
+    "alias_used_by_an_earlier_service": (
+        services("    aliases: ['llama3:8b']\n", "    aliases: [other, 'llama3:8b']\n",
+                 "    aliases: ['llama3:8b']\n"),
+        ["config.yaml: services.s1.aliases.1: Alias 'llama3:8b' is already used by service 's0'.",
+         "config.yaml: services.s2.aliases.0: Alias 'llama3:8b' is already used by service 's0'."]),
+    "alias_is_a_service_id": (
+        services("    aliases: [s1]\n", "    aliases: [s0, s1]\n"),
+        ["config.yaml: services.s0.aliases.0: Alias 's1' is the id of service 's1'.",
+         "config.yaml: services.s1.aliases.0: Alias 's0' is the id of service 's0'.",
+         "config.yaml: services.s1.aliases.1: Alias 's1' is the id of service 's1'."]),
+    "alias_checks_keep_positions_after_a_bad_item": (
+        services("    aliases: [x]\n", "    aliases: ['', 5, x]\n"),
+        [f"config.yaml: services.s1.aliases.0: {MODEL_NAME}",
+         "config.yaml: services.s1.aliases.1: Not a valid string.",
+         "config.yaml: services.s1.aliases.2: Alias 'x' is already used by service 's0'."]),
+    "alias_checks_run_with_other_field_errors": (
+        services("    aliases: [x]\n    stop_timeout: -1\n", "    aliases: [x]\n    imgae: i\n"),
+        ["config.yaml: services.s0.stop_timeout: Must be greater than or equal to 0.",
+         "config.yaml: services.s1.aliases.0: Alias 'x' is already used by service 's0'.",
+         "config.yaml: services.s1.imgae: Unknown field."]),
+    "model_name_bad": (
+        service("    model_name: 'a b'\n"), [f"config.yaml: services.a.model_name: {MODEL_NAME}"]),
+    "model_name_empty": (service("    model_name: ''\n"), [f"config.yaml: services.a.model_name: {MODEL_NAME}"]),
+    "model_name_number": (service("    model_name: 8\n"), ["config.yaml: services.a.model_name: Not a valid string."]),
+    "autostart_word": (service("    autostart: sometimes\n"), ["config.yaml: services.a.autostart: Not a valid boolean."]),
+    "autostart_list": (service("    autostart: [true]\n"), ["config.yaml: services.a.autostart: Not a valid boolean."]),
+    "durations_bad_form": (
+        service("    start_timeout: 10 m\n    idle_timeout: 1d\n    drain_timeout: [1]\n"),
+        [f"config.yaml: services.a.drain_timeout: {DURATION}",
+         f"config.yaml: services.a.idle_timeout: {DURATION}",
+         f"config.yaml: services.a.start_timeout: {DURATION}"]),
+    "durations_bool": (service("    idle_timeout: true\n"), [f"config.yaml: services.a.idle_timeout: {DURATION}"]),
+    "durations_infinite": (
+        service("    start_timeout: .inf\n    idle_timeout: .nan\n    drain_timeout: " + "9" * 400 + "\n"),
+        [f"config.yaml: services.a.drain_timeout: {DURATION}",
+         f"config.yaml: services.a.idle_timeout: {DURATION}",
+         f"config.yaml: services.a.start_timeout: {DURATION}"]),
+    "durations_zero": (
+        service("    start_timeout: 0\n    idle_timeout: 0s\n    drain_timeout: 0ms\n"),
+        ["config.yaml: services.a.idle_timeout: Must be greater than 0.",
+         "config.yaml: services.a.start_timeout: Must be greater than 0."]),  # drain_timeout 0: don't wait
+    "durations_negative": (
+        service("    start_timeout: -1\n    idle_timeout: '-5'\n    drain_timeout: -0.5\n"),
+        ["config.yaml: services.a.drain_timeout: Must be greater than or equal to 0.",
+         "config.yaml: services.a.idle_timeout: Must be greater than 0.",
+         "config.yaml: services.a.start_timeout: Must be greater than 0."]),
+    "negative_duration_with_unit": (
+        service("    idle_timeout: -5m\n"), [f"config.yaml: services.a.idle_timeout: {DURATION}"]),
+    "max_concurrent_zero": (
+        service("    max_concurrent: 0\n"), ["config.yaml: services.a.max_concurrent: Must be greater than or equal to 1."]),
+    "max_concurrent_float": (
+        service("    max_concurrent: 1.5\n"), ["config.yaml: services.a.max_concurrent: Not a valid integer."]),
+    "max_queue_negative": (
+        service("    max_concurrent: 1\n    max_queue: -1\n"),
+        ["config.yaml: services.a.max_queue: Must be greater than or equal to 0."]),
+    "max_queue_without_max_concurrent": (
+        service("    max_queue: 10\n"), ["config.yaml: services.a.max_queue: Needs max_concurrent."]),
+    "max_queue_with_null_max_concurrent": (
+        service("    max_queue: 10\n    max_concurrent:\n"), ["config.yaml: services.a.max_queue: Needs max_concurrent."]),
+    "max_queue_with_a_bad_max_concurrent_is_not_also_an_error": (
+        service("    max_queue: 10\n    max_concurrent: lots\n"),
+        ["config.yaml: services.a.max_concurrent: Not a valid integer."]),
+    "max_queue_bad_and_no_max_concurrent": (
+        service("    max_queue: x\n"), ["config.yaml: services.a.max_queue: Not a valid integer."]),
+    "unknown_group": (
+        service("    group: g\n"), ["config.yaml: services.a.group: Unknown group 'g'; define it under groups."]),
+    "unknown_group_with_other_groups": (
+        services("    group: gpu0\n", "    group: gpu1\n", groups="  gpu0: {exclusive: true}\n"),
+        ["config.yaml: services.s1.group: Unknown group 'gpu1'; define it under groups."]),
+    "group_bad_form": (
+        service("    group: GPU 0\n"), [f"config.yaml: services.a.group: {GROUP_NAME}"]),
+    "group_not_a_string": (service("    group: [g]\n"), ["config.yaml: services.a.group: Not a valid string."]),
+    "groups_not_a_mapping": (  # not also "Unknown group" for every service
+        services("    group: g\n", groups="  - g\n"), ["config.yaml: groups: Not a valid mapping type."]),
+    "groups_bad_name_and_settings": (
+        services("    group: gpu0\n", groups="  GPU 0: {}\n  gpu0: {exclusive: maybe, shared: true}\n  g2: [x]\n"),
+        [f"config.yaml: groups.GPU 0: {GROUP_NAME}",
+         "config.yaml: groups.g2: Not a valid mapping type.",
+         "config.yaml: groups.gpu0.exclusive: Not a valid boolean.",
+         "config.yaml: groups.gpu0.shared: Unknown field."]),
+    "group_unset_variable": (
+        service("    group: ${GROUP}\n"),
+        ["config.yaml: services.a.group: Environment variable 'GROUP' is not set (use ${GROUP:-default} for a default)."]),
+}
+
+
+@pytest.mark.parametrize("text, expected", LIFECYCLE_FAILURES.values(), ids=LIFECYCLE_FAILURES.keys())
+def test_invalid_lifecycle_keys_report_exact_lines(text, expected):
+    assert errors_of(text) == expected
+
+
+README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _readme_config_examples() -> list[str]:
+    section = README.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_readme_configuration_examples_load():
+    examples = _readme_config_examples()
+    assert len(examples) == 2
+    environ = {"PROXY_ADMIN_TOKEN": "t", "CLIENT_KEY": "k", "HF_TOKEN": "h"}
+    reference = load_config_text(examples[0], environ=environ)
+    assert reference.services["llama3"].group == "gpu0" and reference.groups["gpu0"].exclusive
+    config = load_config_text(examples[1], environ=environ)
+    assert config.groups["gpu0"].exclusive
+    llama3, qwen = config.services.values()
+    assert (llama3.autostart, llama3.idle_timeout, llama3.max_concurrent, llama3.max_queue) == (True, 900.0, 4, 32)
+    assert (qwen.autostart, qwen.idle_timeout, qwen.max_concurrent, qwen.max_queue) == (True, 900.0, 2, 100)
+    assert config.service_for_model("Qwen/Qwen2.5-7B-Instruct") is qwen
+    assert config.service_for_model("llama3:8b") is llama3
 
 
 # ---------------------------------------------------------------- files and paths
@@ -756,12 +1061,15 @@ def _set(node, path, value):
 
 KNOWN_KEYS = ["server", "services", "host", "port", "log_level", "type", "image", "container_port", "args",
               "volumes", "environment", "resources", "gpus", "memory", "cpus", "shm_size", "health_path",
-              "timeouts", "connect", "read", "stop_timeout", "llama3", "a", "Bad Id", "HF_TOKEN"]
+              "timeouts", "connect", "read", "stop_timeout", "llama3", "a", "Bad Id", "HF_TOKEN",
+              "aliases", "model_name", "autostart", "start_timeout", "idle_timeout", "group", "groups",
+              "exclusive", "max_concurrent", "max_queue", "drain_timeout", "gpu0"]
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=10**30, max_value=10**300),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
     st.sampled_from(["all", "llama-cpp-server", "/a:/b", "/a:/b:ro", "16g", "/health", "INFO", "${X}",
-                     "${UNSET}", "${X:-d}", "$${X}", "${", "8081", "11000", "0", "-1"]),
+                     "${UNSET}", "${X:-d}", "$${X}", "${", "8081", "11000", "0", "-1", "10m", "1h30m", "500ms",
+                     "gpu0", "llama3", "a", "llama3:8b"]),
 )
 documents = st.recursive(
     scalars,
