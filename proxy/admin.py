@@ -8,6 +8,7 @@ from loguru import logger
 from .config import ServiceConfig
 from .containers import ContainerInfo, config_hash
 from .errors import ProxyError, ServiceNotFound
+from .openapi import document
 from .readiness import probe, wait_ready
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1")
@@ -119,3 +120,9 @@ def list_services():
     # Health probes run side by side so one slow service does not hold up the list.
     reports = gevent.pool.Pool(16).map(lambda pair: _report(runtime, *pair), zip(services, infos)) if services else []
     return jsonify(services=reports)
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    config = _runtime().config
+    return jsonify(document(config.services, admin_token=config.server.admin_token is not None))

@@ -90,16 +90,20 @@ def chunked_body(stream) -> Iterator[bytes]:
 class Exchange:
     """One request's link to its upstream connection, for cutting it from outside."""
 
-    __slots__ = ("connection", "client_gone", "done")
+    __slots__ = ("connection", "client_gone", "done", "on_cut", "target")
 
-    def __init__(self):
+    def __init__(self, target: str | None = None):
+        self.target = target  # the request target exactly as the client sent it
         self.connection: HTTPConnection | None = None
         self.client_gone = False
         self.done = False
+        self.on_cut = None  # also called when the client leaves (say, to leave a queue)
 
     def cut(self) -> None:
         """The client left: shut the upstream socket so the backend stops generating."""
         self.client_gone = True
+        if self.on_cut is not None:
+            self.on_cut()
         connection = None if self.done else self.connection
         sock = getattr(connection, "sock", None)
         if sock is not None:
@@ -114,13 +118,17 @@ class ClientGone(ConnectionError):
 
 
 class _TrackedConnection(HTTPConnection):
-    def request(self, *args, **kwargs):
+    def request(self, method, url, *args, **kwargs):
         exchange = getattr(_current, "exchange", None)
         if exchange is not None:
             if exchange.client_gone:
                 raise ClientGone(errno.ECONNABORTED, "client left before the request was sent")
             exchange.connection = self
-        return super().request(*args, **kwargs)
+            if exchange.target is not None:
+                # urllib3 re-encodes targets (%2f -> %2F; one bad escape and every % becomes
+                # %25): send the client's bytes instead.
+                url = exchange.target
+        return super().request(method, url, *args, **kwargs)
 
 
 class _TrackedPool(HTTPConnectionPool):

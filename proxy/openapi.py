@@ -1,0 +1,239 @@
+"""The admin API's OpenAPI 3 document, served at ``GET /api/v1/openapi.json``.
+
+Written by hand as a plain dict (no runtime dependency) and kept next to what the routes
+really answer: ``proxy/admin.py`` for the bodies, ``proxy/containers.py`` and
+``proxy/errors.py`` for every error status and its ``error.code``. Each error response
+lists the exact codes it can carry, so a test that validates real answers against this
+document (tests/test_openapi.py, with schemathesis) notices a route, status or code that
+drifted from it.
+
+The forwarding routes (``/service/<id>/<path>``) are not described: they answer whatever
+the backend answers.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from . import __version__
+from .errors import ERROR_TYPES
+
+_SERVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"  # the config's rule for service ids
+
+
+def _nullable(schema: dict, description: str) -> dict:
+    return {**schema, "nullable": True, "description": description}
+
+
+CONTAINER_STATUS = {
+    "type": "object",
+    "description": "What Docker says about one service's container.",
+    "required": ["service_id", "status", "ready", "container_id", "image", "started_at", "exit_code",
+                 "oom_killed", "port", "stale"],
+    "properties": {
+        "service_id": {"type": "string"},
+        "status": {"type": "string",
+                   "description": "Docker's status (running, exited, created, restarting, paused, removing, "
+                                  "dead), or 'not found' when there is no container of this proxy; "
+                                  "'ready' in the answer to a start that waited."},
+        "ready": _nullable({"type": "boolean"}, "Whether health_path answers 200; null when not running."),
+        "container_id": _nullable({"type": "string"}, "Docker's full container id; null when not found."),
+        "image": _nullable({"type": "string"}, "The image the container was made from."),
+        "started_at": _nullable({"type": "string"},
+                                "When it last started, Docker's RFC 3339 time (nanoseconds, 'Z'); "
+                                "null when never started or not found."),
+        "exit_code": _nullable({"type": "integer"}, "The last exit code; null while running or when not found."),
+        "oom_killed": _nullable({"type": "boolean"}, "Whether the kernel killed it for memory; null when not found."),
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535,
+                 "description": "The host port (on 127.0.0.1) that the proxy forwards to."},
+        "stale": _nullable({"type": "boolean"},
+                           "True when the container was made from another service config than the "
+                           "current one (restart it to apply the change); null when not found."),
+    },
+}
+
+ERROR = {
+    "type": "object",
+    "description": "Every error the proxy itself produces (not a backend's), in OpenAI's shape.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code", "service_id", "source"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "description": "OpenAI-style error type, by status."},
+                "code": {"type": "string", "description": "What exactly went wrong."},
+                "service_id": _nullable({"type": "string"}, "The service concerned, if any."),
+                "source": {"type": "string", "enum": ["proxy"]},
+                "hint": {"type": "string", "description": "A plain next step."},
+                "last_status": {"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}],
+                                "description": "container_exited and start_timeout: the last status seen."},
+            },
+        },
+    },
+}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(status: int, codes: dict[str, str]) -> dict:
+    """An error response: the envelope, narrowed to the given codes (code -> when)."""
+    description = "; ".join(f"`{code}`: {when}" for code, when in codes.items())
+    narrowed = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+        "code": {"type": "string", "enum": list(codes)},
+        "type": {"type": "string", "enum": [ERROR_TYPES.get(status, "server_error")]},
+    }}}}
+    return _json({"allOf": [{"$ref": "#/components/schemas/Error"}, narrowed]}, description)
+
+
+_UNKNOWN_SERVICE = _error(404, {"service_not_found": "no such service in the config",
+                                "not_found": "the id holds a '/', so no route matches"})
+_DOCKER_DOWN = _error(503, {"docker_unavailable": "the Docker engine cannot be reached (forwarding goes on)"})
+_START_FAILURES = {
+    "start_failed": "Docker refused (port taken, GPU runtime missing, ...); the message is Docker's",
+    "image_unavailable": "the image is not present and could not be pulled",
+    "volume_missing": "a bind-mount source does not exist (checked before creating)",
+    "container_exited": "wait=true and the container exited while starting",
+}
+
+SERVICE_ID = {
+    "name": "service_id", "in": "path", "required": True,
+    "description": "A service id from the config.",
+    "schema": {"type": "string", "pattern": _SERVICE_ID_PATTERN},
+}
+
+WAIT = {
+    "name": "wait", "in": "query", "required": False,
+    "description": "Answer once the service is ready (200), rather than at once (202). Case-insensitive.",
+    "schema": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"], "default": "false"},
+}
+
+TIMEOUT = {
+    "name": "timeout", "in": "query", "required": False,
+    "description": "With wait=true: seconds to wait for ready before answering 504.",
+    "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 3600, "default": 300},
+}
+
+MESSAGE = {"message": {"type": "string"}, "service_id": {"type": "string"}}
+
+
+def _paths() -> dict:
+    return {
+        "/healthz": {"get": {
+            "operationId": "healthz", "tags": ["health"],
+            "summary": "Is the proxy up, which version, and can it reach the Docker engine",
+            "responses": {"200": _json({
+                "type": "object", "required": ["status", "version", "docker_reachable", "services"],
+                "properties": {"status": {"type": "string", "enum": ["ok"]}, "version": {"type": "string"},
+                               "docker_reachable": {"type": "boolean"},
+                               "services": {"type": "integer", "minimum": 0,
+                                            "description": "How many services the config has."}},
+            }, "The proxy is up.")},
+        }},
+        "/api/v1/openapi.json": {"get": {
+            "operationId": "openapi", "tags": ["admin"], "summary": "This document",
+            "responses": {"200": _json({"type": "object", "required": ["openapi", "info", "paths"]},
+                                       "The OpenAPI document of the admin API.")},
+        }},
+        "/api/v1/services": {"get": {
+            "operationId": "listServices", "tags": ["admin"], "summary": "Every configured service's status",
+            "responses": {
+                "200": _json({"type": "object", "required": ["services"], "properties": {
+                    "services": {"type": "array", "items": {"$ref": "#/components/schemas/ContainerStatus"}}}},
+                    "One status per configured service, in config order."),
+                "503": _DOCKER_DOWN,
+            },
+        }},
+        "/api/v1/container/{service_id}": {"get": {
+            "operationId": "containerStatus", "tags": ["admin"], "summary": "One service's status",
+            "parameters": [SERVICE_ID],
+            "responses": {
+                "200": _json({"$ref": "#/components/schemas/ContainerStatus"}, "Its status."),
+                "404": _UNKNOWN_SERVICE,
+                "503": _DOCKER_DOWN,
+            },
+        }},
+        "/api/v1/service/{service_id}/start": {"post": {
+            "operationId": "startService", "tags": ["admin"], "summary": "Create and start the service's container",
+            "parameters": [SERVICE_ID, WAIT, TIMEOUT],
+            "responses": {
+                "200": _json({"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}, {
+                    "type": "object", "required": ["message"],
+                    "properties": {"message": {"type": "string"}, "status": {"type": "string", "enum": ["ready"]},
+                                   "ready": {"type": "boolean", "nullable": True}}}]},
+                    "wait=true: the container runs and health_path answers 200."),
+                "202": _json({"type": "object", "required": ["message", "service_id", "status"],
+                              "properties": {**MESSAGE, "status": {"type": "string", "enum": ["starting"]}}},
+                             "Started; not waited for."),
+                "400": _error(400, {"invalid_parameter": "bad wait or timeout"}),
+                "404": _UNKNOWN_SERVICE,
+                "409": _error(409, {"already_running": "already running or being started",
+                                    "name_conflict": "a container not made by this proxy holds the name"}),
+                "500": _error(500, _START_FAILURES),
+                "503": _DOCKER_DOWN,
+                "504": _error(504, {"start_timeout": "wait=true and not ready in time; see error.last_status"}),
+            },
+        }},
+        "/api/v1/service/{service_id}/stop": {"post": {
+            "operationId": "stopService", "tags": ["admin"],
+            "summary": "Stop (SIGTERM, then SIGKILL after stop_timeout) and remove the service's container",
+            "parameters": [SERVICE_ID],
+            "responses": {
+                "200": _json({"type": "object", "required": ["message", "service_id", "status"], "properties": {
+                    **MESSAGE,
+                    "status": {"type": "string",
+                               "description": "'stopped', or the status it had when it was not running "
+                                              "('not found', 'exited', ...)."},
+                    "exit_code": _nullable({"type": "integer"}, "Present when it was stopped: its exit code."),
+                }}, "Stopped and removed, or it was not running."),
+                "404": _UNKNOWN_SERVICE,
+                "500": _error(500, {"stop_failed": "Docker refused to stop or remove it"}),
+                "503": _DOCKER_DOWN,
+            },
+        }},
+    }
+
+
+_UNAUTHORIZED = {**_error(401, {"unauthorized": "no or a wrong 'Authorization: Bearer <admin_token>'"}),
+                 "headers": {"WWW-Authenticate": {"schema": {"type": "string"},
+                                                  "description": "Bearer challenge (RFC 6750)."}}}
+
+
+def document(service_ids: Iterable[str] = (), *, admin_token: bool = False) -> dict:
+    """The OpenAPI 3.0 document for one config.
+
+    Args:
+        service_ids: the configured services; the first is the example id.
+        admin_token: whether ``server.admin_token`` is set, so every /api/v1 call needs it.
+    """
+    paths = _paths()
+    ids = list(service_ids)
+    service_id = SERVICE_ID
+    if ids:
+        service_id = {**SERVICE_ID, "example": ids[0],
+                      "description": f"A service id from the config: {', '.join(ids)}."}
+    for path, item in paths.items():
+        for operation in item.values():
+            if "parameters" in operation:
+                operation["parameters"] = [service_id if p is SERVICE_ID else p for p in operation["parameters"]]
+            if admin_token and path.startswith("/api/"):
+                operation["security"] = [{"adminToken": []}]
+                operation["responses"]["401"] = _UNAUTHORIZED
+    components = {"schemas": {"ContainerStatus": CONTAINER_STATUS, "Error": ERROR}}
+    if admin_token:
+        components["securitySchemes"] = {"adminToken": {"type": "http", "scheme": "bearer",
+                                                        "description": "server.admin_token"}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "inference-proxy admin API",
+            "version": __version__,
+            "description": "Start, stop and report the model servers' containers. Every error the proxy "
+                           "itself produces has the `Error` shape. Requests to /service/{id}/{path} are "
+                           "forwarded to the service's backend and are not described here.",
+        },
+        "paths": paths,
+        "components": components,
+    }
