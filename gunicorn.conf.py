@@ -11,6 +11,7 @@ import sys
 from loguru import logger
 
 from proxy.config import ConfigError, config_path, load_config
+from proxy.coordinator import ensure_installed
 from proxy.log import GunicornLogger, setup_logging
 
 _path = config_path()
@@ -30,6 +31,9 @@ _host = _config.server.host
 bind = [f"[{_host}]:{_config.server.port}" if ":" in _host else f"{_host}:{_config.server.port}"]
 worker_class = "gevent"
 workers = int(os.environ.get("PROXY_WORKERS", "2"))
+# Requests in flight, queues and swap locks that every worker must agree on: shared memory
+# made here, in the master, so the forked workers inherit it (kept across SIGHUP reloads).
+ensure_installed(list(_config.services), list(_config.groups), max_workers=max(64, 4 * workers))
 worker_connections = int(os.environ.get("PROXY_WORKER_CONNECTIONS", "4096"))  # streams per worker
 preload_app = False           # objects made before gevent patches would block its loop
 timeout = 30                  # a heartbeat for gevent workers, not a request limit

@@ -22,7 +22,7 @@ def create_app(config=None, docker_client=None):
     """
     from flask import Flask
 
-    from . import admin, forward, health
+    from . import admin, forward, frontdoor, health
     from .auth import register_auth
     from .config import config_path, load_config
     from .errors import register_error_handlers
@@ -43,5 +43,6 @@ def create_app(config=None, docker_client=None):
     app.register_blueprint(health.bp)
     app.register_blueprint(forward.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(frontdoor.bp)
     app.extensions["proxy"].start()
     return app

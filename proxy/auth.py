@@ -19,7 +19,7 @@ import hmac
 
 from flask import Flask, Response, request
 
-from . import admin, forward
+from . import admin, forward, frontdoor
 from .config import ServerConfig
 from .errors import ProxyError, error_response
 
@@ -45,7 +45,9 @@ def register_auth(app: Flask, server: ServerConfig) -> None:
     if server.admin_token is not None:
         app.before_request_funcs.setdefault(admin.bp.name, []).append(_admin_check(server.admin_token))
     if server.api_keys:
-        app.before_request_funcs.setdefault(forward.bp.name, []).append(_api_key_check(server.api_keys))
+        check = _api_key_check(server.api_keys)
+        for blueprint in (forward.bp, frontdoor.bp):  # every route that reaches a model
+            app.before_request_funcs.setdefault(blueprint.name, []).append(check)
 
 
 def _admin_check(token: str):

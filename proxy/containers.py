@@ -360,11 +360,15 @@ def _docker_time(value: str | None) -> str | None:
     return value
 
 
-def _age_seconds(created: str | None) -> float:
-    """Age of a Docker timestamp such as 2026-11-23T23:40:01.123456789Z."""
+def docker_epoch(value: str | None) -> float | None:
+    """A Docker timestamp such as 2026-11-23T23:40:01.123456789Z as seconds since the epoch."""
     try:
-        seconds, _, _ = (created or "").rstrip("Z").partition(".")  # nanoseconds are beyond Python
-        stamp = datetime.fromisoformat(seconds).replace(tzinfo=timezone.utc)
+        seconds, _, _ = (value or "").rstrip("Z").partition(".")  # nanoseconds are beyond Python
+        return datetime.fromisoformat(seconds).replace(tzinfo=timezone.utc).timestamp()
     except ValueError:
-        return float("inf")
-    return time.time() - stamp.timestamp()
+        return None
+
+
+def _age_seconds(created: str | None) -> float:
+    stamp = docker_epoch(created)
+    return float("inf") if stamp is None else time.time() - stamp

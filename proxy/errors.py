@@ -37,8 +37,10 @@ class ProxyError(Exception):
     code = "internal_error"
 
     def __init__(self, message: str, *, service_id: str | None = None, hint: str | None = None,
-                 code: str | None = None, status: int | None = None, extra: dict | None = None):
+                 code: str | None = None, status: int | None = None, extra: dict | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
+        self.headers = headers or {}
         self.message = message
         self.service_id = service_id
         self.hint = hint
@@ -96,7 +98,8 @@ def error_response(error: ProxyError) -> Response:
     # Every refusal and failure is logged once, here; the message never holds secrets.
     logger.log("WARNING" if error.status >= 500 else "INFO", "{} {} {}: {}", error.status, error.code,
                error.service_id or "-", error.message)
-    return Response(json.dumps(error.to_dict()), status=error.status, mimetype="application/json")
+    return Response(json.dumps(error.to_dict()), status=error.status, mimetype="application/json",
+                    headers=error.headers)
 
 
 def _http_exception(exc: HTTPException) -> Response:

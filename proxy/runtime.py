@@ -3,22 +3,30 @@ from __future__ import annotations
 
 from .config import Config
 from .containers import Containers
+from .coordinator import for_services
+from .lifecycle import Lifecycle
 from .state import ServiceStates
 from .upstream import UpstreamPool
 
 
 class Runtime:
-    """Holds the config, the Docker side and the upstream pool of one worker process."""
+    """Holds the config, the Docker side, the upstream pool and the on-demand lifecycle of
+    one worker process."""
 
     def __init__(self, config: Config, docker_client=None):
         self.config = config
         self.containers = Containers(config.server.container_prefix, client=docker_client)
         self.states = ServiceStates(self.containers)
         self.upstream = UpstreamPool()
+        # Shared by every worker when gunicorn.conf.py installed it before forking.
+        self.coordinator = for_services(list(config.services), list(config.groups))
+        self.lifecycle = Lifecycle(config, self.containers, self.states, self.coordinator, self.upstream)
 
     def start(self) -> None:
         self.states.start()
+        self.lifecycle.start_idle_loop()
 
     def close(self) -> None:
+        self.lifecycle.stop_idle_loop()
         self.states.stop()
         self.upstream.close()

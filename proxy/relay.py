@@ -1,0 +1,247 @@
+"""One request to one service, end to end: make sure the service can take it (starting it
+on demand), admit it under the service's concurrency limit, send it upstream and stream
+the answer back. Shared by ``/service/<id>/...`` and the OpenAI front door."""
+from __future__ import annotations
+
+import errno
+import json
+import time
+from dataclasses import dataclass
+
+import gevent
+import requests
+import urllib3.exceptions
+from flask import Response
+from gunicorn.http.errors import ParseException as MalformedBody
+from loguru import logger
+
+from .config import ServiceConfig
+from .coordinator import PHASE_STOPPING
+from .disconnect import stop_watching, watch_client
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .lifecycle import ClientLeft
+from .upstream import Exchange, iter_body, response_headers
+
+_LOADING_EVERY = 3.0  # seconds between ": loading" comments to a waiting event stream
+_LOADING = b": loading\n\n"
+
+
+class BodyTooLarge(ProxyError):
+    status, code = 413, "body_too_large"
+
+    def __init__(self, service: ServiceConfig):
+        super().__init__(f"Request body is larger than the {service.max_body_size} bytes service "
+                         f"'{service.id}' accepts", service_id=service.id,
+                         hint=f"services.{service.id}.max_body_size sets the limit")
+
+
+class TooManyRequests(ProxyError):
+    status, code = 429, "too_many_requests"
+
+
+@dataclass
+class Outgoing:
+    """What goes upstream: method, raw target (path and query), headers and body."""
+
+    method: str
+    target: str
+    headers: dict
+    body: object
+
+
+def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
+          loading_events: bool = False) -> Response:
+    """Forward ``outgoing`` to ``service`` and answer with its streamed response.
+
+    Args:
+        loading_events: the client asked for an event stream; if the service has to be
+            started first, answer at once with one and keep it alive with ": loading"
+            comments while waiting.
+    """
+    label = f"{outgoing.method} {service.id}"
+    exchange = Exchange(outgoing.target)
+    watcher = watch_client(environ, exchange, label)
+    deadline = time.monotonic() + service.start_timeout
+    if loading_events and service.autostart and not runtime.lifecycle.ready_now(service):
+        return _loading_stream(runtime, service, outgoing, exchange, watcher, deadline, label)
+    try:
+        admission = _admit(runtime, service, exchange, deadline)
+    except BaseException:
+        _close_exchange(exchange, watcher)
+        raise
+    if admission is None:
+        _close_exchange(exchange, watcher)
+        return Response(status=499)  # the client left while waiting; nobody reads this
+    try:
+        upstream = _send(runtime, service, outgoing, exchange, label)
+    except BaseException:
+        admission.release()
+        _close_exchange(exchange, watcher)
+        raise
+    if upstream is None:
+        admission.release()
+        _close_exchange(exchange, watcher)
+        return Response(status=499)
+
+    headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"))
+    response = Response(_relay_body(upstream, exchange, label), status=f"{upstream.status_code} {upstream.reason}",
+                        headers=headers_out)
+    # Cleanup on close, not in the generator: a HEAD answer is never iterated. (Not
+    # direct_passthrough: werkzeug would then hand over the bare generator and never call
+    # these close callbacks.)
+    response.call_on_close(lambda: _finish(upstream, exchange, watcher, admission))
+    if "Content-Type" not in upstream.headers:
+        del response.headers["Content-Type"]  # werkzeug would add text/html otherwise
+    elif upstream.headers["Content-Type"].startswith("text/event-stream"):
+        response.headers["X-Accel-Buffering"] = "no"  # so an nginx in front does not buffer
+    return response
+
+
+def _admit(runtime, service: ServiceConfig, exchange: Exchange, deadline: float):
+    """Wait until the service can take the request and it has a slot. None: client left."""
+    lifecycle, coordinator = runtime.lifecycle, runtime.coordinator
+    client_here = lambda: not exchange.client_gone  # noqa: E731
+    while True:
+        try:
+            lifecycle.ensure_ready(service, deadline, client_here)
+        except ClientLeft:
+            return None
+        admission = coordinator.admit(service.id, service.max_concurrent, service.max_queue)
+        if admission.rejected:
+            raise TooManyRequests(f"Service '{service.id}' has {service.max_concurrent} requests in flight and "
+                                  f"{service.max_queue} waiting", service_id=service.id,
+                                  hint="Retry later", headers={"Retry-After": "1"})
+        if admission.queued:
+            exchange.on_cut = admission.cancel
+            if not admission.wait(deadline):
+                exchange.on_cut = None
+                if exchange.client_gone:
+                    return None
+                raise TooManyRequests(f"Service '{service.id}' had no free slot within {service.start_timeout:g} s",
+                                      service_id=service.id, headers={"Retry-After": "1"})
+            exchange.on_cut = None
+        # Counted in flight now; if a stop began meanwhile, step back and wait for it.
+        if admission.phase != PHASE_STOPPING or not lifecycle.stopping(service.id):
+            return admission
+        admission.release()
+
+
+def _send(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchange, label: str):
+    """Send upstream; the response once its headers are in, None if the client left."""
+    upstream_host = f"127.0.0.1:{service.port}"
+    logger.debug("forward {} -> http://{}{}", label, upstream_host, outgoing.target.partition("?")[0])  # no query
+    try:
+        return runtime.upstream.send(outgoing.method, f"http://{upstream_host}{outgoing.target}", outgoing.headers,
+                                     outgoing.body, (service.timeouts.connect, service.timeouts.read), exchange)
+    except BodyTooLarge:
+        raise  # a chunked upload went over the limit: the upstream connection was dropped
+    except (requests.RequestException, OSError) as exc:
+        if exchange.client_gone:
+            return None
+        raise _upstream_error(service.id, upstream_host, exc) from None
+    except MalformedBody as exc:  # gunicorn's reader of a chunked body met bytes that are not chunks
+        raise ProxyError(f"The request body is malformed: {exc}", status=400, code="invalid_body",
+                         service_id=service.id) from None
+
+
+def _upstream_error(service_id: str, upstream_host: str, exc: Exception) -> ProxyError:
+    if isinstance(exc, requests.ReadTimeout):
+        return UpstreamTimeout(f"Service '{service_id}' sent no response headers within its read timeout",
+                               service_id=service_id, hint="Raise timeouts.read for slow prompts")
+    logger.warning("service {} at {} did not answer: {}", service_id, upstream_host, exc)
+    return UpstreamUnreachable(f"Service '{service_id}' did not answer at {upstream_host}",
+                               service_id=service_id,
+                               hint="The container runs but its server refused or dropped the connection; "
+                                    "it may still be loading or may have crashed")
+
+
+def _relay_body(upstream: requests.Response, exchange: Exchange, label: str):
+    """Hand each chunk on as it arrives.
+
+    If the backend breaks off, end the client's connection without a clean end (no final
+    chunk) so the client sees an incomplete response: raising ECONNRESET makes gunicorn
+    close the socket quietly.
+    """
+    raw = upstream.raw
+    try:
+        for chunk in iter_body(upstream):
+            if raw.connection is None:
+                # Read to the end: the connection is back in the pool, maybe already
+                # serving another request, so a client leaving now must not cut it.
+                exchange.done = True
+            yield chunk
+        exchange.done = True
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if exchange.client_gone:
+            return
+        logger.warning("{}: backend broke off mid-response: {}", label, exc)
+        raise ConnectionResetError(errno.ECONNRESET, "backend broke off mid-response") from None
+
+
+def _close_exchange(exchange: Exchange, watcher) -> None:
+    exchange.done = True
+    exchange.connection = None
+    stop_watching(watcher)
+
+
+def _finish(upstream: requests.Response, exchange: Exchange, watcher, admission) -> None:
+    """Runs when the WSGI server closes the response, whatever happened: the connection
+    goes back to the pool when the body was read to its end, else it is closed."""
+    _close_exchange(exchange, watcher)
+    upstream.close()
+    admission.release()
+
+
+def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchange, watcher,
+                    deadline: float, label: str) -> Response:
+    """Answer an event stream at once and keep it alive while the service starts; then
+    relay the backend's events. Errors after that point can only be events themselves."""
+    def events():
+        waiter = gevent.spawn(_admit, runtime, service, exchange, deadline)
+        admission = upstream = None
+        try:
+            while not waiter.ready():
+                waiter.join(_LOADING_EVERY)
+                if not waiter.ready():
+                    yield _LOADING
+            try:
+                admission = waiter.get()
+                if admission is None:
+                    return
+                upstream = _send(runtime, service, outgoing, exchange, label)
+            except ProxyError as error:
+                yield _error_event(error.to_dict())
+                return
+            if upstream is None:
+                return
+            if upstream.status_code >= 400:
+                body = upstream.raw.read(decode_content=True)
+                yield _error_event(_json_or_text(body, upstream.status_code))
+                return
+            yield from _relay_body(upstream, exchange, label)
+        finally:
+            waiter.kill(block=False)  # stops our waiting only: a start under way goes on
+            _close_exchange(exchange, watcher)
+            if upstream is not None:
+                upstream.close()
+            if admission is not None:
+                admission.release()
+
+    response = Response(events(), status=200, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+def _error_event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _json_or_text(body: bytes, status: int) -> dict:
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and "error" in parsed:
+            return parsed
+    except ValueError:
+        pass
+    return {"error": {"message": body.decode(errors="replace")[:2000], "code": status, "source": "backend"}}
