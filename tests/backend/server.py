@@ -25,6 +25,8 @@ Routes ([query parameters]; "any" = any method):
   any    /status/<code>         that status with a backend-style error body
   any    /drip                  one byte per interval, chunked                 [bytes, interval]
   POST   /_crash                200, then the process exits                    [code]
+  POST   /_alloc                allocates and touches mb MB, answers, frees it [mb]
+                                (past a container's memory limit: OOM-killed mid-request)
   GET    /_disconnects          clients that left before/while being answered  [test_id]
   DELETE /_disconnects          forget them                                    [test_id]
   GET    /_stats                connections accepted/open, requests handled
@@ -59,6 +61,7 @@ SHA_HEADER_LIMIT = 64 << 20  # above this, hashing up front costs too much: no X
 TEXT_LIMIT = 64 << 10
 JSON_LIMIT = 16 << 20
 MAX_HANG = 3600.0
+MAX_ALLOC_MB = 64 << 10  # /_alloc: a typo must not take the host's memory
 GZIP_PLAIN = json.dumps({"gzip": True, "text": "the quick brown fox jumps over the lazy dog " * 64}).encode()
 GZIP_BODY = gzip.compress(GZIP_PLAIN, mtime=0)
 LOADING = (503, "Loading model", "unavailable_error")
@@ -195,6 +198,15 @@ class State:
             return cleared
 
 
+def rss_kb():
+    """This process's resident memory now (Linux), in KiB; None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def token_count(request, default):
     for key in ("n_predict", "max_tokens", "max_completion_tokens"):
         value = request.get(key)
@@ -264,7 +276,7 @@ class Handler(BaseHTTPRequestHandler):
         "/v1/completions": "route_text", "/completion": "route_native", "/echo": "route_echo",
         "/hang": "route_hang", "/die": "route_die", "/stream": "route_stream",
         "/download": "route_download", "/upload": "route_upload", "/cookies": "route_cookies",
-        "/gzip": "route_gzip", "/drip": "route_drip", "/_crash": "route_crash",
+        "/gzip": "route_gzip", "/drip": "route_drip", "/_crash": "route_crash", "/_alloc": "route_alloc",
         "/_disconnects": "route_disconnects", "/_stats": "route_stats",
     }
     PREFIXES = (("/echo/", "route_echo"), ("/status/", "route_status"))
@@ -585,6 +597,16 @@ class Handler(BaseHTTPRequestHandler):
         code = self.qnum("code", 1, int)
         self.send_json(200, {"exiting": code}, [("Connection", "close")])
         threading.Timer(0.1, os._exit, (code,)).start()  # after the answer has left
+
+    def route_alloc(self):
+        self.require("POST")
+        mb = self.qnum("mb", 1, int)
+        if mb > MAX_ALLOC_MB:
+            raise HttpError(400, f"mb must be at most {MAX_ALLOC_MB}")
+        before_kb = rss_kb()
+        held = [b"\xa5" * (1 << 20) for _ in range(mb)]  # every page written, so resident
+        self.send_json(200, {"allocated_mb": len(held), "rss_kb_before": before_kb, "rss_kb": rss_kb()})
+        del held
 
     def route_disconnects(self):
         self.require("GET", "DELETE")

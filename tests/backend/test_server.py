@@ -147,6 +147,21 @@ def test_crash_answers_then_exits_with_the_code():
     assert server.proc.wait(timeout=5) == 3
 
 
+
+def test_alloc_touches_the_memory_then_answers(backend):
+    r = requests.post(backend.url("/_alloc"), params={"mb": 48})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["allocated_mb"] == 48
+    assert body["rss_kb"] - body["rss_kb_before"] >= 40 * 1024  # resident, not just reserved
+    assert requests.get(backend.url("/health")).status_code == 200  # and the server carries on
+
+
+def test_alloc_refuses_get_and_absurd_sizes(backend):
+    assert requests.get(backend.url("/_alloc")).status_code == 405
+    assert requests.post(backend.url("/_alloc"), params={"mb": 10 ** 9}).status_code == 400
+    assert requests.post(backend.url("/_alloc"), params={"mb": "-1"}).status_code == 400
+
 def test_health_and_completions_say_loading_then_ready():
     server = Backend("--load-seconds", "0.8")
     try:
