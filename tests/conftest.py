@@ -240,3 +240,12 @@ def container_prefix(docker_client):
     yield prefix
     for container in docker_client.containers.list(all=True, filters={"label": f"io.inference-proxy.instance={prefix}"}):
         container.remove(force=True)
+
+
+@pytest.fixture
+def engine_proxy(start_proxy, container_prefix):
+    """Factory: a proxy on the real engine whose services run the test image."""
+    def start(services: dict | None = None, **kwargs):
+        services = services or {"llm": service_entry(free_port())}
+        return start_proxy(services, docker_host=kwargs.pop("docker_host", None), prefix=container_prefix, **kwargs)
+    return start

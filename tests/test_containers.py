@@ -12,51 +12,15 @@ import socket
 import time
 import uuid
 
-import docker
 import openai
 import pytest
 import requests
 
 from conftest import TEST_IMAGE, free_port, recv_until, service_entry, wait_until
 from docker_relay import DockerRelay
+from engine_api import api, containers_of, error_of, start_ready, status
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture
-def engine_proxy(start_proxy, container_prefix):
-    """Factory: a proxy on the real engine whose services run the test image."""
-    def start(services: dict | None = None, **kwargs):
-        services = services or {"llm": service_entry(free_port())}
-        return start_proxy(services, docker_host=kwargs.pop("docker_host", None), prefix=container_prefix, **kwargs)
-    return start
-
-
-def api(proxy, method: str, path: str, **kwargs) -> requests.Response:
-    return requests.request(method, f"{proxy.url}/api/v1{path}", timeout=kwargs.pop("timeout", 60), **kwargs)
-
-
-def status(proxy, service_id: str = "llm") -> dict:
-    answer = api(proxy, "GET", f"/container/{service_id}")
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def start_ready(proxy, service_id: str = "llm") -> dict:
-    answer = api(proxy, "POST", f"/service/{service_id}/start", params={"wait": "true", "timeout": 60})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def containers_of(client, prefix: str) -> list:
-    return client.containers.list(all=True, filters={"label": f"io.inference-proxy.instance={prefix}"})
-
-
-def error_of(answer: requests.Response, status_code: int, code: str) -> dict:
-    assert answer.status_code == status_code, answer.text
-    error = answer.json()["error"]
-    assert error["code"] == code and error["source"] == "proxy"
-    return error
 
 
 # -- UC-01 and UC-02 --------------------------------------------------------------------------

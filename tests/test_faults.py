@@ -20,40 +20,9 @@ import pytest
 import requests
 
 from conftest import free_port, service_entry, wait_until
+from engine_api import api, error_of, start_ready, status
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def engine_proxy(start_proxy, container_prefix):
-    """Factory: a proxy on the real engine whose services run the test image."""
-    def start(services: dict | None = None, **kwargs):
-        services = services or {"llm": service_entry(free_port())}
-        return start_proxy(services, docker_host=kwargs.pop("docker_host", None), prefix=container_prefix, **kwargs)
-    return start
-
-
-def api(proxy, method: str, path: str, **kwargs) -> requests.Response:
-    return requests.request(method, f"{proxy.url}/api/v1{path}", timeout=kwargs.pop("timeout", 60), **kwargs)
-
-
-def status(proxy, service_id: str = "llm") -> dict:
-    answer = api(proxy, "GET", f"/container/{service_id}")
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def start_ready(proxy, service_id: str = "llm") -> dict:
-    answer = api(proxy, "POST", f"/service/{service_id}/start", params={"wait": "true", "timeout": 60})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def proxy_error(answer: requests.Response, status_code: int, code: str, service_id: str = "llm") -> dict:
-    assert answer.status_code == status_code, answer.text
-    error = answer.json()["error"]
-    assert error["code"] == code and error["source"] == "proxy" and error["service_id"] == service_id, error
-    return error
 
 
 def read_sse(url: str, params: dict, on_first_event=None, timeout: float = 30) -> dict:
@@ -154,7 +123,7 @@ def test_a_crashed_container_is_reported_exited_and_answered_503(engine_proxy, d
     (answer,) = wait_until(
         lambda: (r := requests.get(f"{proxy.url}/service/llm/v1/models", timeout=10)).status_code == 503 and [r],
         timeout=5, what="the proxy to answer 503 for the dead service")
-    error = proxy_error(answer, 503, "service_not_running")
+    error = error_of(answer, 503, "service_not_running", "llm")
     assert "'llm'" in error["message"] and "exited" in error["message"], error
     listed = {s["service_id"]: s for s in api(proxy, "GET", "/services").json()["services"]}
     assert listed["llm"]["status"] == "exited" and listed["llm"]["exit_code"] == expected_code
@@ -190,7 +159,7 @@ def test_streams_in_flight_when_the_container_dies_end_incomplete(engine_proxy, 
     (answer,) = wait_until(
         lambda: (r := requests.get(f"{proxy.url}/service/llm/v1/models", timeout=10)).status_code == 503 and [r],
         timeout=5, what="the proxy to answer 503 for the dead service")
-    proxy_error(answer, 503, "service_not_running")
+    error_of(answer, 503, "service_not_running", "llm")
 
 
 @pytest.mark.engine
@@ -203,7 +172,7 @@ def test_an_oom_killed_container_is_reported_as_such(engine_proxy):
     # Far past the limit: the kernel kills the server while it answers, so the proxy
     # sees the connection dropped before any response.
     answer = requests.post(f"{proxy.url}/service/llm/_alloc", params={"mb": 512}, timeout=60)
-    proxy_error(answer, 502, "upstream_unreachable")
+    error_of(answer, 502, "upstream_unreachable", "llm")
 
     seen = wait_until(lambda: (s := status(proxy))["status"] == "exited" and s, timeout=15,
                       what="the status to show the container exited")
@@ -211,7 +180,7 @@ def test_an_oom_killed_container_is_reported_as_such(engine_proxy):
     (answer,) = wait_until(
         lambda: (r := requests.get(f"{proxy.url}/service/llm/v1/models", timeout=10)).status_code == 503 and [r],
         timeout=5, what="the proxy to answer 503 for the dead service")
-    error = proxy_error(answer, 503, "service_not_running")
+    error = error_of(answer, 503, "service_not_running", "llm")
     assert "'llm'" in error["message"]
 
 
