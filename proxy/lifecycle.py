@@ -27,6 +27,7 @@ from .upstream import UpstreamPool
 _WAIT_STEP = 0.25         # seconds between looks while a service is being stopped or swapped
 _IDLE_CHECK_EVERY = 1.0   # seconds between idle sweeps
 _STOPPING_GRACE = 120.0   # a "stopping" flag older than this is a dead worker's: ignore it
+_CREATE_RACE_GRACE = 10.0  # seconds another worker's container may take to appear after its create began
 
 
 class StartTimeout(ProxyError):
@@ -105,7 +106,7 @@ class Lifecycle:
 
     def _is_ready(self, service: ServiceConfig, container: ContainerInfo | None) -> bool:
         if container is None or container.container_id is None:
-            return True  # the engine has not answered yet: try the backend
+            return probe(self.pool, service)  # the engine has not answered yet: ask the backend
         if container.container_id in self._ready_ids:
             return True
         if probe(self.pool, service):
@@ -154,7 +155,15 @@ class Lifecycle:
             logger.info("starting {} on demand", service.id)
             return info
         except AlreadyRunning:
-            return self.containers.inspect(service)  # another worker or request got there first
+            # Another worker got there first. Docker reserves the name as soon as a create
+            # begins, but the container can be inspected only once that create returns: wait
+            # for it to appear rather than take "not found" for "exited".
+            deadline = time.monotonic() + _CREATE_RACE_GRACE
+            info = self.containers.inspect(service)
+            while info.status == "not found" and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+                info = self.containers.inspect(service)
+            return info
 
     # -- exclusive groups --------------------------------------------------------------------
 

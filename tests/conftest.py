@@ -238,8 +238,13 @@ def container_prefix(docker_client):
     """A prefix of its own per test; every container under it is removed afterwards."""
     prefix = f"iptest-{uuid.uuid4().hex[:8]}"
     yield prefix
-    for container in docker_client.containers.list(all=True, filters={"label": f"io.inference-proxy.instance={prefix}"}):
-        container.remove(force=True)
+    import docker
+
+    for found in docker_client.api.containers(all=True, filters={"label": f"io.inference-proxy.instance={prefix}"}):
+        try:
+            docker_client.api.remove_container(found["Id"], force=True)
+        except docker.errors.NotFound:
+            pass  # the proxy removed it meanwhile (an idle stop, a swap)
 
 
 @pytest.fixture
