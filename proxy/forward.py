@@ -17,6 +17,7 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # Forwarded as sent, never redirected by werkzeug: not a path with "//" (merge_slashes), nor
 # /service/<id> to /service/<id>/ (which rules with `defaults` would do).
 _ROUTE = {"methods": METHODS, "provide_automatic_options": False, "merge_slashes": False}
+_SMALL_BODY = 64 * 1024
 
 
 @bp.route("/service/<service_id>", **_ROUTE)
@@ -64,7 +65,9 @@ def request_body(environ: dict, headers: dict):
     if length:
         size = int(length)
         headers["Content-Length"] = length  # adapter: a length means "send it unchunked"
-        return SizedBody(environ["wsgi.input"], size) if size else b""
+        if size <= _SMALL_BODY:  # a prompt: read whole, it leaves with the headers in one send
+            return environ["wsgi.input"].read(size)
+        return SizedBody(environ["wsgi.input"], size)  # an upload: streamed
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return chunked_body(environ["wsgi.input"])
     return None
@@ -74,7 +77,7 @@ def limit_body(body, service: ServiceConfig):
     """Refuse a body over the service's ``max_body_size``: at once when its length says so,
     else (chunked) when the count goes over while it streams up; raising there makes urllib3
     drop the upstream connection mid-body, and the client still gets the 413."""
-    if isinstance(body, SizedBody) and len(body) > service.max_body_size:
+    if isinstance(body, (bytes, SizedBody)) and len(body) > service.max_body_size:
         raise BodyTooLarge(service)
     if body is None or isinstance(body, (bytes, SizedBody)):
         return body

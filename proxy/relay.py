@@ -84,7 +84,8 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
         return Response(status=499)
 
     headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"))
-    response = Response(_relay_body(upstream, exchange, label), status=f"{upstream.status_code} {upstream.reason}",
+    event_stream = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    response = Response(_relay_body(upstream, exchange, label, event_stream), status=f"{upstream.status_code} {upstream.reason}",
                         headers=headers_out)
     # Cleanup on close, not in the generator: a HEAD answer is never iterated. (Not
     # direct_passthrough: werkzeug would then hand over the bare generator and never call
@@ -155,7 +156,7 @@ def _upstream_error(service_id: str, upstream_host: str, exc: Exception) -> Prox
                                     "it may still be loading or may have crashed")
 
 
-def _relay_body(upstream: requests.Response, exchange: Exchange, label: str):
+def _relay_body(upstream: requests.Response, exchange: Exchange, label: str, flush_headers: bool = False):
     """Hand each chunk on as it arrives.
 
     If the backend breaks off, end the client's connection without a clean end (no final
@@ -163,6 +164,8 @@ def _relay_body(upstream: requests.Response, exchange: Exchange, label: str):
     close the socket quietly.
     """
     raw = upstream.raw
+    if flush_headers:
+        yield b""  # gunicorn sends the headers now, as the backend did, not with the first event
     try:
         for chunk in iter_body(upstream):
             if raw.connection is None:

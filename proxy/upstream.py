@@ -8,6 +8,7 @@ arrives (DESIGN.md §5).
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 from typing import Iterable, Iterator
 
@@ -23,6 +24,7 @@ HOP_BY_HOP = frozenset({
 })
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
 _READ_SIZE = 64 * 1024
+_UPLOAD_BLOCK = 256 * 1024  # an upload is read and sent this much at a time (urllib3: 16 KiB)
 
 # Which upstream connection the current greenlet is using, so a watcher that sees the
 # client leave can shut that exact socket down (threading.local is per greenlet under
@@ -118,6 +120,22 @@ class ClientGone(ConnectionError):
 
 
 class _TrackedConnection(HTTPConnection):
+    @property
+    def is_connected(self) -> bool:
+        # urllib3 asks this of every pooled connection before reuse; its answer goes
+        # through gevent's patched select.poll (watchers, a hub switch). One peek on the
+        # real non-blocking socket says the same: readable (EOF or stray bytes) = dropped.
+        sock = self.sock
+        if sock is None:
+            return False
+        try:
+            getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing to read: still connected
+        except OSError:
+            return False
+        return False  # EOF or stray bytes
+
     def request(self, method, url, *args, **kwargs):
         exchange = getattr(_current, "exchange", None)
         if exchange is not None:
@@ -137,8 +155,21 @@ class _TrackedPool(HTTPConnectionPool):
 
 class _Adapter(HTTPAdapter):
     def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
+        super().init_poolmanager(*args, blocksize=_UPLOAD_BLOCK, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _TrackedPool}
+
+    def build_response(self, req, resp):
+        # requests' own also guesses the text encoding and runs the cookie jar over the
+        # headers (MockRequest, cookielib): a proxy passes Set-Cookie through untouched.
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = resp.headers  # urllib3's HTTPHeaderDict: case-insensitive already
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
 
 
 class UpstreamPool:
