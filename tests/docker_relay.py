@@ -61,14 +61,19 @@ class DockerRelay:
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
+    def _from_proxy(self, data: bytes) -> None:
+        """Sees each piece the proxy sends before it goes on (subclasses may hold it)."""
+        if data[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE"):
+            self.requests_seen += 1
+
     def _pump(self, source: socket.socket, sink: socket.socket, from_proxy: bool) -> None:
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
-                if from_proxy and data[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE"):
-                    self.requests_seen += 1
+                if from_proxy:
+                    self._from_proxy(data)
                 sink.sendall(data)
         except OSError:
             pass
