@@ -545,28 +545,28 @@ class Coordinator:
         return True
 
     def _lock(self) -> None:
+        if not self._try_lock():
+            self._lock_slow()
+
+    def _try_lock(self) -> bool:
+        """Both locks at once, without waiting: this process's, then the shared record lock."""
         local = self._local
-        if local.acquire(False):
-            try:
-                fcntl.lockf(self._fd, _LOCK_NB)
-                return
-            except OSError as error:
-                local.release()
-                if error.errno not in _BUSY:
-                    raise
-        self._lock_slow()
+        if not local.acquire(False):
+            return False
+        try:
+            fcntl.lockf(self._fd, _LOCK_NB)
+            return True
+        except OSError as error:
+            local.release()
+            if error.errno not in _BUSY:
+                raise
+            return False
 
     def _lock_slow(self) -> None:
-        local, attempts, started, warned = self._local, 0, time.monotonic(), False
+        attempts, started, warned = 0, time.monotonic(), False
         while True:
-            if local.acquire(False):
-                try:
-                    fcntl.lockf(self._fd, _LOCK_NB)
-                    return
-                except OSError as error:
-                    local.release()
-                    if error.errno not in _BUSY:
-                        raise
+            if self._try_lock():
+                return
             attempts += 1
             # time.sleep, looked up now: gevent's once the worker is patched (yields)
             time.sleep(0 if attempts < 20 else 0.0002 if attempts < 200 else 0.001)
