@@ -11,8 +11,6 @@ import os
 import statistics
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -39,14 +37,8 @@ def _docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _post(url: str, timeout: float = 60) -> int:
-    request = urllib.request.Request(url, data=b"", method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=timeout) as answer:
-            return answer.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+def _post(url: str, timeout: float = 60) -> int | None:
+    return http_status(url, timeout=timeout, method="POST")
 
 
 def _wait_health(port: int, started: float, timeout: float = 30) -> float:

@@ -60,11 +60,12 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def http_status(url: str, timeout: float = 1.0) -> int | None:
+def http_status(url: str, timeout: float = 1.0, method: str = "GET") -> int | None:
     # urllib, not requests: no proxy variables may reroute loopback (handler with no proxies).
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
     try:
-        with opener.open(url, timeout=timeout) as answer:
+        with opener.open(request, timeout=timeout) as answer:
             return answer.status
     except urllib.error.HTTPError as exc:
         return exc.code

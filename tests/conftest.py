@@ -53,7 +53,8 @@ def recv_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20) -> byte
     return received
 
 
-def _stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> int:
+    """SIGTERM (as systemd or docker stop would), SIGKILL after the grace; the exit status."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -61,6 +62,7 @@ def _stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+    return proc.returncode
 
 
 # -- the test backend as a local process ------------------------------------------------
@@ -99,7 +101,7 @@ class _BackendLauncher:
 
     def stop_all(self) -> None:
         for proc in self.started:
-            _stop_process(proc, grace=5)
+            stop_process(proc, grace=5)
 
 
 @pytest.fixture
@@ -176,7 +178,7 @@ class _ProxyLauncher:
 
     def stop_all(self) -> None:
         for proxy in self.started:
-            _stop_process(proxy.proc)
+            stop_process(proxy.proc)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import BACKEND_SCRIPT, NO_ENGINE, ROOT, Proxy, free_port, service_entry, wait_for_proxy, wait_until
+from conftest import (BACKEND_SCRIPT, NO_ENGINE, ROOT, Proxy, free_port, service_entry, stop_process, wait_for_proxy,
+                      wait_until)
 from proxy.log import redact
 
 LINE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} \| (DEBUG|INFO|WARNING|ERROR|CRITICAL) *\| .*")
@@ -43,18 +43,6 @@ def _start_gunicorn(config: dict, tmp: Path, **env: str) -> Proxy:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
                                 cwd=ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT)
     return Proxy(proc, config["server"]["port"], log_path, config_path, proc_env)
-
-
-def _stop(proxy: Proxy) -> int:
-    """SIGTERM, as systemd or docker stop would; returns the exit status."""
-    if proxy.proc.poll() is None:
-        proxy.proc.send_signal(signal.SIGTERM)
-        try:
-            proxy.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proxy.proc.kill()
-            proxy.proc.wait(5)
-    return proxy.proc.returncode
 
 
 def _secret_request(proxy: Proxy, method: str, path: str) -> requests.Response:
@@ -119,7 +107,7 @@ def runs(tmp_path_factory):
                 code = answer.json()["error"]["code"] if answer.status_code >= 400 else None
                 answers[name] = (answer.status_code, code)
         finally:
-            exit_status = _stop(proxy)
+            exit_status = stop_process(proxy.proc, grace=20)
         done[level] = Run(level, proxy.log(), exit_status, answers, backend_port, proxy.config_path)
         return done[level]
 
@@ -250,7 +238,7 @@ def engine_proxy(docker_client, tmp_path_factory):
         wait_for_proxy(proxy)
         yield proxy
     finally:
-        _stop(proxy)
+        stop_process(proxy.proc, grace=20)
         taken.close()
         label = f"io.inference-proxy.instance={prefix}"
         for container in docker_client.containers.list(all=True, filters={"label": label}):

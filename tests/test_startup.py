@@ -4,7 +4,6 @@ Docker engine, and the one error envelope (DESIGN.md §4) for every error the pr
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import NO_ENGINE, ROOT, Proxy, free_port, service_entry, wait_for_proxy, wait_until
+from conftest import NO_ENGINE, ROOT, Proxy, free_port, service_entry, stop_process, wait_for_proxy, wait_until
 from proxy import __version__
 from proxy.errors import ERROR_TYPES
 
@@ -47,16 +46,6 @@ def _launch(config_path, log_path, env: dict) -> Proxy:
         proc = subprocess.Popen(GUNICORN, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     port = yaml.safe_load(config_path.read_text())["server"]["port"]
     return Proxy(proc, port, log_path, config_path, env)
-
-
-def _stop(proxy: Proxy) -> None:
-    if proxy.proc.poll() is None:
-        proxy.proc.send_signal(signal.SIGTERM)
-        try:
-            proxy.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proxy.proc.kill()
-            proxy.proc.wait(5)
 
 
 # -- UC-03: a bad config stops start-up with one clear line, never a traceback -----------
@@ -187,7 +176,7 @@ def test_shipped_config_serves_healthz_with_and_without_an_engine(request, tmp_p
             wait_until(lambda: "| WARNING  | Docker engine not reachable" in proxy.log(),
                        timeout=10, what="a warning that the engine is not reachable")
     finally:
-        _stop(proxy)
+        stop_process(proxy.proc, grace=15)
     assert "Traceback" not in proxy.log()
 
 
@@ -208,7 +197,7 @@ def bare_proxy(tmp_path_factory):
         wait_for_proxy(proxy)
         yield proxy
     finally:
-        _stop(proxy)
+        stop_process(proxy.proc, grace=15)
 
 
 @pytest.mark.parametrize("method, path, status, code, service_id", [
