@@ -22,7 +22,6 @@ from gunicorn.glogging import Logger as _GunicornBaseLogger
 from loguru import logger
 
 LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {message}"
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 REDACTED = "***"
 
 # A query string: from "?" to the end of the URL (whitespace, quote, bracket or fragment).
