@@ -16,6 +16,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
 # RFC 9110 §7.6.1; plus Host and Content-Length, which the stack sets from what is sent.
 HOP_BY_HOP = frozenset({
@@ -135,6 +137,30 @@ class _TrackedConnection(HTTPConnection):
         except OSError:
             return False
         return False  # EOF or stray bytes
+
+    def _new_conn(self) -> socket.socket:
+        # Every backend is a literal 127.0.0.1:<port>; urllib3 would still ask getaddrinfo,
+        # which gevent hands to a thread pool: a thread hop per new connection that a
+        # burst of streams queues behind. A literal address needs no lookup.
+        try:
+            socket.inet_pton(socket.AF_INET, self._dns_host)  # strict: "127.1" is not literal here
+        except OSError:
+            return super()._new_conn()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            for option in self.socket_options or ():
+                sock.setsockopt(*option)
+            if self.timeout is not _DEFAULT_TIMEOUT:
+                sock.settimeout(self.timeout)
+            sock.connect((self._dns_host, self.port))
+        except socket.timeout as exc:
+            sock.close()
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                            f"(connect timeout={self.timeout})") from exc
+        except OSError as exc:
+            sock.close()
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+        return sock
 
     def request(self, method, url, *args, **kwargs):
         exchange = getattr(_current, "exchange", None)
