@@ -10,8 +10,9 @@ import time
 from targets import cpu_seconds
 
 MB = 1e6
-# alt: a second proxy checkout (--compare-root); relay: a bare gevent byte relay (--floor)
-NAMES = ("direct", "nginx", "proxy", "alt", "relay")
+# alt: a second proxy checkout (--compare-root); with --floor, stack: the least forwarder the
+# fixed stack allows (Flask, requests, gunicorn-gevent), and relay: a bare gevent byte relay
+NAMES = ("direct", "nginx", "proxy", "alt", "stack", "relay")
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -143,35 +144,38 @@ def _get(metrics: dict, path: str):
     return value
 
 
-def check_targets(m: dict) -> list[dict]:
-    """Issue 5's targets, for the proxy; met is None when the figure was not measured."""
+def check_targets(m: dict, name: str = "proxy") -> list[dict]:
+    """Issue 5's targets, for the proxy (or, for comparison, another column such as the
+    stack floor); met is None when the figure was not measured."""
     out = []
 
-    def add(name: str, limit: str, value, met):
-        out.append({"target": name, "limit": limit, "value": value, "met": None if value is None else bool(met)})
+    def add(label: str, limit: str, value, met):
+        out.append({"target": label, "limit": limit, "value": value, "met": None if value is None else bool(met)})
 
-    cpu_req = _get(m, "chat.proxy.cpu_us_per_request_c32")
+    cpu_req = _get(m, f"chat.{name}.cpu_us_per_request_c32")
     add("proxy CPU per request (c=32)", "<= 400 us", cpu_req, cpu_req is not None and cpu_req <= 400)
-    cpu_chunk = _get(m, "streaming.proxy.cpu_us_per_chunk")
+    cpu_chunk = _get(m, f"streaming.{name}.cpu_us_per_chunk")
     add("proxy CPU per streamed chunk", "<= 25 us", cpu_chunk, cpu_chunk is not None and cpu_chunk <= 25)
-    p50, d50 = _get(m, "chat.proxy.p50_ms"), _get(m, "chat.direct.p50_ms")
+    p50, d50 = _get(m, f"chat.{name}.p50_ms"), _get(m, "chat.direct.p50_ms")
     added = None if p50 is None or d50 is None else p50 - d50
     add("added latency p50 at c=1", "<= 0.5 ms", added, added is not None and added <= 0.5)
-    t200, d200 = _get(m, "streams200.proxy.ttfb_p50_ms"), _get(m, "streams200.direct.ttfb_p50_ms")
+    t200, d200 = _get(m, f"streams200.{name}.ttfb_p50_ms"), _get(m, "streams200.direct.ttfb_p50_ms")
     ratio = None if t200 is None or not d200 else t200 / d200
     add("200 streams: TTFB p50 vs direct", "<= 2x", ratio, ratio is not None and ratio <= 2)
-    bad200 = None if _get(m, "streams200.proxy") is None else m["streams200"]["proxy"]["errors"] + m["streams200"]["proxy"]["incomplete"]
+    bad200 = None if _get(m, f"streams200.{name}") is None else m["streams200"][name]["errors"] + m["streams200"][name]["incomplete"]
     add("200 streams: errors + incomplete", "0", bad200, bad200 == 0)
-    bad = None if _get(m, "streams1000.proxy") is None else m["streams1000"]["proxy"]["errors"] + m["streams1000"]["proxy"]["incomplete"]
+    bad = None if _get(m, f"streams1000.{name}") is None else m["streams1000"][name]["errors"] + m["streams1000"][name]["incomplete"]
     add("1,000 streams: errors + incomplete", "0", bad, bad == 0)
-    g, dg = _get(m, "streams1000.proxy.gap_p99_ms"), _get(m, "streams1000.direct.gap_p99_ms")
+    g, dg = _get(m, f"streams1000.{name}.gap_p99_ms"), _get(m, "streams1000.direct.gap_p99_ms")
     added_gap = None if g is None or dg is None else g - dg
     add("1,000 streams: added inter-chunk gap p99", "<= 10 ms", added_gap, added_gap is not None and added_gap <= 10)
-    rss = _get(m, "streams1000.proxy.rss_peak_mb")
+    rss = _get(m, f"streams1000.{name}.rss_peak_mb")
     add("worker RSS under 1,000 streams", "<= 80 MB", rss, rss is not None and rss <= 80)
-    growth = [_get(m, f"transfer.proxy.{k}_rss_growth_mb") for k in ("upload", "download")]
+    growth = [_get(m, f"transfer.{name}.{k}_rss_growth_mb") for k in ("upload", "download")]
     worst = None if None in growth else max(growth)
     add("100 MB up/down in constant memory (worker RSS growth)", "<= 10 MB", worst, worst is not None and worst <= 10)
+    if name != "proxy":
+        return out  # the container targets are the proxy's API alone
     api, cli = _get(m, "containers.api_start_s.median"), _get(m, "containers.cli_run_s.median")
     ratio = None if api is None or not cli else api / cli
     add("start API vs docker run -d (median)", "<= 1.2x", ratio, ratio is not None and ratio <= 1.2)
@@ -219,7 +223,8 @@ def document(results: dict) -> dict:
     _marginal_chunk_cost(metrics)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "settings": results["settings"],
             "phases": results["phases"], "proxy_root": results["proxy_root"], "compare_root": results.get("compare_root"), "elapsed_s": results.get("elapsed_s"),
-            "metrics": metrics, "targets": check_targets(metrics)}
+            "metrics": metrics, "targets": check_targets(metrics),
+            "stack_floor_targets": check_targets(metrics, "stack") if _get(metrics, "chat.stack") is not None else None}
 
 
 def _num(value, digits: int) -> str:
@@ -282,6 +287,10 @@ SECTIONS = [
 ]
 
 
+def _figure(value) -> str:
+    return "-" if value is None else f"{value:,.3g}" if isinstance(value, float) else str(value)
+
+
 def _line(cells: list[str], widths: list[int]) -> str:
     return "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
 
@@ -322,9 +331,11 @@ def table(doc: dict) -> str:
         text.append("  (CLI: docker run -d / docker stop -t 5 && docker rm; API: POST .../start (202) / .../stop)")
     elif c:
         text += ["", f"# Containers: skipped ({c['skipped']})"]
-    text += ["", "# Targets (issue 5)"]
+    text += ["", "# Targets (issue 5)" + ("; in brackets, the same figure for the stack floor" if doc.get("stack_floor_targets") else "")]
+    floors = {t["target"]: t for t in doc.get("stack_floor_targets") or []}
     for t in doc["targets"]:
         status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        value = "-" if t["value"] is None else f"{t['value']:,.3g}" if isinstance(t["value"], float) else str(t["value"])
-        text.append(f"  {status:12} {t['target']}: {value} (target {t['limit']})")
+        floor = floors.get(t["target"], {}).get("value")
+        floor_text = "" if floor is None else f" [stack floor: {_figure(floor)}]"
+        text.append(f"  {status:12} {t['target']}: {_figure(t['value'])}{floor_text} (target {t['limit']})")
     return "\n".join(text)

@@ -23,7 +23,7 @@ from pathlib import Path
 import engine
 import report
 from targets import (BENCH, ROOT, Stack, Target, ensure_nginx, free_port, log, proxy_config, raise_nofile,
-                     service_entry, start_backend, start_nginx, start_proxy, start_relay, SERVICE)
+                     service_entry, start_backend, start_nginx, start_proxy, start_relay, start_stack_floor, SERVICE)
 
 CHAT = "/v1/chat/completions"
 PHASES = ("transfer", "chat", "streaming", "streams", "containers")
@@ -155,14 +155,15 @@ def forwarding(args, settings: dict, stack: Stack, tmp: Path, results: dict) -> 
     nginx_binary = ensure_nginx()
     backend = start_backend(stack, tmp)
     proxy = start_proxy(stack, tmp, proxy_config(free_port(), {SERVICE: service_entry(backend.port)}),
-                        root=args.proxy_root)
+                        root=args.proxy_root, workers=args.workers)
     nginx = start_nginx(stack, tmp, backend.port, nginx_binary)
     targets = [backend, nginx, proxy]
     if args.compare_root:
         targets.append(start_proxy(stack, tmp, proxy_config(free_port(), {SERVICE: service_entry(backend.port)}),
-                                   name="alt", root=args.compare_root))
+                                   name="alt", root=args.compare_root, workers=args.workers))
         results["compare_root"] = str(args.compare_root)
     if args.floor:
+        targets.append(start_stack_floor(stack, tmp, backend.port))
         targets.append(start_relay(stack, tmp, backend.port))
     bench = Bench(targets, backend, settings)
     log(f"backend :{backend.port}, nginx :{nginx.port}, proxy :{proxy.port} (worker pid {proxy.worker_pid()})")
@@ -195,7 +196,12 @@ def parse_args(argv=None):
     parser.add_argument("--compare-root", type=Path,
                         help="also measure the proxy of this checkout, as column 'alt' (e.g. a scratch copy with a change)")
     parser.add_argument("--floor", action="store_true",
-                        help="also measure a bare gevent byte relay (bench/relay_floor.py), as column 'relay'")
+                        help="also measure two floors: the least Flask + requests + gunicorn-gevent forwarder "
+                             "(bench/stack_floor.py) as column 'stack', and a bare gevent byte relay "
+                             "(bench/relay_floor.py) as column 'relay'")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the proxy's gunicorn workers (PROXY_WORKERS; default 1, like nginx's one worker, so "
+                             "one process carries the whole load; the shipped default is 2)")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json")
     parser.add_argument("--max-seconds", type=int, default=900, help="hard limit for the whole run")
     args = parser.parse_args(argv)
@@ -219,7 +225,7 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = dict(QUICK if args.quick else FULL)
+    settings = dict(QUICK if args.quick else FULL, proxy_workers=args.workers)
     if args.rounds:
         settings["rounds"] = settings["transfer_rounds"] = settings["container_rounds"] = args.rounds
     raise_nofile()

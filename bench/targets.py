@@ -171,22 +171,26 @@ class Target:
             return []
         return [self.proc.pid, *children(self.proc.pid)]
 
-    def worker_pid(self) -> int | None:
+    def worker_pids(self) -> list[int]:
+        if self.proc is None:
+            return []
         if self.extra.get("single"):  # one process does the work (the relay floor)
-            return self.proc.pid
-        kids = children(self.proc.pid) if self.proc else []
-        return kids[0] if kids else None
+            return [self.proc.pid]
+        return children(self.proc.pid)
+
+    def worker_pid(self) -> int | None:
+        pids = self.worker_pids()
+        return pids[0] if pids else None
 
     def cpu(self) -> float:
         return cpu_seconds(self.pids())
 
     def worker_rss(self) -> int:
-        pid = self.worker_pid()
-        return rss_bytes(pid) if pid else 0
+        """The largest worker's RSS (with --workers above 1, streams split between them)."""
+        return max((rss_bytes(pid) for pid in self.worker_pids()), default=0)
 
     def worker_private(self) -> int:
-        pid = self.worker_pid()
-        return private_bytes(pid) if pid else 0
+        return max((private_bytes(pid) for pid in self.worker_pids()), default=0)
 
 
 def start_backend(stack: Stack, tmp: Path) -> Target:
@@ -233,6 +237,26 @@ def start_proxy(stack: Stack, tmp: Path, config: dict, *, name: str = "proxy", r
         return http_status(f"http://127.0.0.1:{port}/healthz") == 200 and len(children(proc.pid)) == workers
     wait_until(up, 60, f"{name}'s /healthz")
     return Target(name, port, f"/service/{SERVICE}", proc, {"log": log_path})
+
+
+def start_stack_floor(stack: Stack, tmp: Path, backend_port: int) -> Target:
+    """bench/stack_floor.py under gunicorn with the shipped settings that shape its cost
+    (gevent, one worker, 4,096 connections, keep-alive 5 s): the fixed stack's own cost."""
+    port = free_port()
+    log_path = tmp / "stack.log"
+    env = {**os.environ, "BACKEND_PORT": str(backend_port), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = stack.add("stack", subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "1", "--worker-connections", "4096",
+         "--keep-alive", "5", "--backlog", "4096", "--graceful-timeout", "5", "--control-socket", str(tmp / "stack.ctl"),
+         "--bind", f"127.0.0.1:{port}", "--chdir", str(BENCH), "stack_floor:app"],
+        env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT), grace=15)
+
+    def up():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the stack floor exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        return http_status(f"http://127.0.0.1:{port}/service/{SERVICE}/health") == 200 and len(children(proc.pid)) == 1
+    wait_until(up, 60, "the stack floor")
+    return Target("stack", port, f"/service/{SERVICE}", proc, {"log": log_path})
 
 
 def start_relay(stack: Stack, tmp: Path, backend_port: int) -> Target:
