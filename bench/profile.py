@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Profile the proxy's worker under load with py-spy (``pip install py-spy``).
 
-    python bench/profile.py --load chat|stream [--seconds 20] [--proxy-root PATH]
+    python bench/profile.py --load chat|stream [--seconds 20] [--proxy-root PATH] [--target stack]
 
 Starts the test backend and the proxy (one worker, no engine), drives it with the
 benchmark's load client, and records the worker twice: a flame graph
 (bench/profiles/<name>.svg) and raw collapsed stacks (kept in a temporary directory, or
 as bench/profiles/<name>.txt with --keep-raw), which are summarised into
 bench/profiles/<name>-summary.txt: where the worker's CPU goes (self and inclusive shares
-of on-CPU samples) and the share per package.
+of on-CPU samples) and the share per package. ``--target stack`` profiles the stack floor
+(bench/stack_floor.py) instead, to see what the fixed stack alone spends.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from targets import (BENCH, ROOT, SERVICE, Stack, free_port, log, proxy_config, raise_nofile, service_entry,
-                     start_backend, start_proxy)
+                     start_backend, start_proxy, start_stack_floor)
 
 CHAT = "/v1/chat/completions"
 
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--load", choices=["chat", "stream"], required=True)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--proxy-root", type=Path, default=ROOT)
+    parser.add_argument("--target", choices=["proxy", "stack"], default="proxy",
+                        help="the proxy, or the least forwarder of the fixed stack (bench/stack_floor.py)")
     parser.add_argument("--name", help="output name (default: the load's)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
@@ -105,15 +108,18 @@ def main(argv=None) -> int:
     py_spy = shutil.which("py-spy")
     if not py_spy:
         parser.error("py-spy is missing: pip install py-spy")
-    name = args.name or args.load
+    name = args.name or (args.load if args.target == "proxy" else f"{args.target}-{args.load}")
     out_dir = BENCH / "profiles"
     out_dir.mkdir(exist_ok=True)
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="inference-proxy-profile-") as tmp_name, Stack() as stack:
         tmp = Path(tmp_name)
         backend = start_backend(stack, tmp)
-        proxy = start_proxy(stack, tmp, proxy_config(free_port(), {SERVICE: service_entry(backend.port)}),
-                            root=args.proxy_root)
+        if args.target == "stack":
+            proxy = start_stack_floor(stack, tmp, backend.port)
+        else:
+            proxy = start_proxy(stack, tmp, proxy_config(free_port(), {SERVICE: service_entry(backend.port)}),
+                                root=args.proxy_root)
         worker = proxy.worker_pid()
         spec = load_spec(args.load, 2 * args.seconds + 4, proxy)
         client = stack.add("load", subprocess.Popen([sys.executable, str(BENCH / "load.py")], stdin=subprocess.PIPE,
