@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from targets import (TEST_IMAGE, Stack, free_port, http_status, log, proxy_config, service_entry,
+from targets import (ROOT, TEST_IMAGE, Stack, free_port, http_status, log, proxy_config, service_entry,
                      start_proxy, wait_until)
 
 SERVICE_ID = "ctr"
@@ -67,6 +67,24 @@ def unavailable() -> str | None:
     return None
 
 
+def set_up() -> str | None:
+    """Install and start the engine and build the test image with the test suite's own
+    scripts (as ``bash tests/run.sh`` does), when missing; like nginx's install, this
+    needs root. None once the engine and image are there, else why not."""
+    reason = unavailable()
+    if reason is None:
+        return None
+    if os.geteuid() != 0:
+        return f"{reason}; setting it up needs root"
+    log(f"{reason}: setting up with tests/setup/ensure_docker.sh and build_images.sh")
+    for script in ("ensure_docker.sh", "build_images.sh"):
+        done = subprocess.run(["bash", str(ROOT / "tests" / "setup" / script)], capture_output=True, text=True,
+                              timeout=1800)
+        if done.returncode != 0:
+            return f"tests/setup/{script} failed: {(done.stdout + done.stderr).strip()[-500:]}"
+    return unavailable()
+
+
 def _build_stubborn(tmp: Path) -> str | None:
     """Build the SIGTERM-ignoring image (seconds: one metadata layer); None, or why not."""
     context = tmp / "stubborn"
@@ -78,7 +96,7 @@ def _build_stubborn(tmp: Path) -> str | None:
 
 
 def run(stack: Stack, tmp: Path, rounds: int, root: Path, stop_timeout: float = 5) -> dict:
-    reason = unavailable()
+    reason = set_up()
     if reason:
         log(f"containers skipped: {reason}")
         return {"skipped": reason}
