@@ -239,24 +239,25 @@ def start_proxy(stack: Stack, tmp: Path, config: dict, *, name: str = "proxy", r
     return Target(name, port, f"/service/{SERVICE}", proc, {"log": log_path})
 
 
-def start_stack_floor(stack: Stack, tmp: Path, backend_port: int) -> Target:
+def start_stack_floor(stack: Stack, tmp: Path, backend_port: int, app: str = "app", name: str = "stack") -> Target:
     """bench/stack_floor.py under gunicorn with the shipped settings that shape its cost
-    (gevent, one worker, 4,096 connections, keep-alive 5 s): the fixed stack's own cost."""
+    (gevent, one worker, 4,096 connections, keep-alive 5 s): the fixed stack's own cost.
+    ``app`` picks one of its thinner layers instead (see bench/layers.py)."""
     port = free_port()
-    log_path = tmp / "stack.log"
+    log_path = tmp / f"{name}.log"
     env = {**os.environ, "BACKEND_PORT": str(backend_port), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = stack.add("stack", subprocess.Popen(
+    proc = stack.add(name, subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "1", "--worker-connections", "4096",
-         "--keep-alive", "5", "--backlog", "4096", "--graceful-timeout", "5", "--control-socket", str(tmp / "stack.ctl"),
-         "--bind", f"127.0.0.1:{port}", "--chdir", str(BENCH), "stack_floor:app"],
+         "--keep-alive", "5", "--backlog", "4096", "--graceful-timeout", "5", "--control-socket", str(tmp / f"{name}.ctl"),
+         "--bind", f"127.0.0.1:{port}", "--chdir", str(BENCH), f"stack_floor:{app}"],
         env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT), grace=15)
 
     def up():
         if proc.poll() is not None:
-            raise RuntimeError(f"the stack floor exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
         return http_status(f"http://127.0.0.1:{port}/service/{SERVICE}/health") == 200 and len(children(proc.pid)) == 1
-    wait_until(up, 60, "the stack floor")
-    return Target("stack", port, f"/service/{SERVICE}", proc, {"log": log_path})
+    wait_until(up, 60, name)
+    return Target(name, port, f"/service/{SERVICE}", proc, {"log": log_path})
 
 
 def start_relay(stack: Stack, tmp: Path, backend_port: int) -> Target:
