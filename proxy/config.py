@@ -103,6 +103,11 @@ class ServiceConfig:
         if self.max_concurrent is not None and self.max_queue is None:
             object.__setattr__(self, "max_queue", DEFAULT_MAX_QUEUE)
 
+    @property
+    def upstream_host(self) -> str:
+        """Where the proxy reaches the container: its port, published on loopback."""
+        return f"127.0.0.1:{self.port}"
+
     def to_dict(self, *, redact: bool = False) -> dict:
         """A plain JSON-able dict: for hashing the config (redact=False) and for printing
         summaries (redact=True replaces environment values, which may be secrets)."""

@@ -29,7 +29,7 @@ def forward(service_id: str, path: str = ""):
     if service is None:
         raise ServiceNotFound(service_id)
     environ = request.environ
-    headers = request_headers(environ, f"127.0.0.1:{service.port}")
+    headers = request_headers(environ, service.upstream_host)
     body = request_body(environ, headers)
     if service.max_body_size is not None:
         body = limit_body(body, service)

@@ -60,7 +60,7 @@ def route_by_model(path: str):
         body = json.dumps(payload).encode()
 
     environ = request.environ
-    headers = request_headers(environ, f"127.0.0.1:{service.port}")
+    headers = request_headers(environ, service.upstream_host)
     headers["Content-Length"] = str(len(body))
     target = environ.get("RAW_URI") or environ.get("REQUEST_URI") or request.full_path.rstrip("?")
     outgoing = Outgoing("POST", target, headers, body)

@@ -15,9 +15,9 @@ _POLL_INTERVAL = 0.25
 
 
 def probe(pool: UpstreamPool, service: ServiceConfig) -> bool:
-    url = f"http://127.0.0.1:{service.port}{service.health_path}"
+    url = f"http://{service.upstream_host}{service.health_path}"
     try:
-        response = pool.send("GET", url, {"Host": f"127.0.0.1:{service.port}"}, None, _PROBE_TIMEOUT)
+        response = pool.send("GET", url, {"Host": service.upstream_host}, None, _PROBE_TIMEOUT)
     except (requests.RequestException, OSError):
         return False
     try:

@@ -129,7 +129,7 @@ def _admit(runtime, service: ServiceConfig, exchange: Exchange, deadline: float)
 
 def _send(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchange, label: str):
     """Send upstream; the response once its headers are in, None if the client left."""
-    upstream_host = f"127.0.0.1:{service.port}"
+    upstream_host = service.upstream_host
     logger.debug("forward {} -> http://{}{}", label, upstream_host, outgoing.target.partition("?")[0])  # no query
     try:
         return runtime.upstream.send(outgoing.method, f"http://{upstream_host}{outgoing.target}", outgoing.headers,
