@@ -2,14 +2,14 @@
 stream the answer back as it comes (the sending and streaming itself is ``relay``'s)."""
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from flask import Blueprint, current_app, request
 
 from .config import ServiceConfig
 from .errors import ProxyError, ServiceNotFound
 from .relay import BodyTooLarge, Outgoing, relay
-from .upstream import SizedBody, chunked_body, request_headers
+from .upstream import SizedBody, chunked_body, client_target, request_headers
 
 bp = Blueprint("forward", __name__)
 
@@ -38,19 +38,9 @@ def forward(service_id: str, path: str = ""):
 
 
 def upstream_target(environ: dict, service_id: str) -> str:
-    """The backend's path and query, byte for byte as the client sent them.
-
-    Flask hands the view a decoded path (``%2F`` becomes ``/``); the raw request target
-    keeps the client's encoding, so it is cut from that instead.
-    """
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if raw is None:  # a WSGI server that keeps no raw target: rebuild from the decoded one
-        query = environ.get("QUERY_STRING")
-        raw = environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
-    if not raw.startswith("/"):  # absolute-form target: http://host/service/...
-        parts = urlsplit(raw)
-        raw = parts.path + (f"?{parts.query}" if parts.query else "")
-    path, sep, query = raw.partition("?")
+    """The backend's path and query, byte for byte as the client sent them: the client's
+    raw target less ``/service/<id>`` (Flask's decoded path would lose the encoding)."""
+    path, sep, query = client_target(environ).partition("?")
     segments = path.split("/", 3)  # ["", "service", "<id>", "<rest>"]
     if len(segments) < 3 or unquote(segments[2]) != service_id:
         raise ProxyError("The request path could not be mapped to the service", status=400,

@@ -13,7 +13,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from .errors import ProxyError
 from .relay import BodyTooLarge, Outgoing, relay
-from .upstream import request_headers
+from .upstream import client_target, request_headers
 
 bp = Blueprint("frontdoor", __name__)
 
@@ -62,8 +62,7 @@ def route_by_model(path: str):
     environ = request.environ
     headers = request_headers(environ, service.upstream_host)
     headers["Content-Length"] = str(len(body))
-    target = environ.get("RAW_URI") or environ.get("REQUEST_URI") or request.full_path.rstrip("?")
-    outgoing = Outgoing("POST", target, headers, body)
+    outgoing = Outgoing("POST", client_target(environ), headers, body)
     return relay(runtime, service, outgoing, environ, loading_events=payload.get("stream") is True)
 
 

@@ -11,6 +11,7 @@ import errno
 import socket
 import threading
 from typing import Iterable, Iterator
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -59,6 +60,23 @@ def request_headers(environ: dict, upstream_host: str) -> dict[str, str]:
         headers["X-Forwarded-Host"] = environ["HTTP_HOST"]
     headers["Host"] = upstream_host
     return headers
+
+
+def client_target(environ: dict) -> str:
+    """The request target, path and query, byte for byte as the client sent it.
+
+    Flask hands views a decoded path (``%2F`` becomes ``/``); gunicorn keeps the raw
+    target. An absolute-form target (``http://host/path``) keeps only its path and query:
+    the backend is ours, whatever host the client named.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw is None:  # a WSGI server that keeps no raw target: rebuild from the decoded one
+        query = environ.get("QUERY_STRING")
+        raw = environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
+    if not raw.startswith("/"):
+        parts = urlsplit(raw)
+        raw = parts.path + (f"?{parts.query}" if parts.query else "")
+    return raw
 
 
 def response_headers(items: Iterable[tuple[str, str]], connection: str | None) -> list[tuple[str, str]]:

@@ -259,6 +259,13 @@ def test_host_tricks_still_reach_only_the_configured_backend(proxy, llm_backend,
     assert echo["raw_path"] == "/echo"
 
 
+def test_an_absolute_form_front_door_request_sends_the_backend_only_its_path(proxy, decoy):
+    body = b'{"model": "llm"}'
+    answer = send_raw(proxy, get(f"http://{decoy}/v1/no-such-route?x=1", "Content-Type: application/json",
+                                 f"Content-Length: {len(body)}", method="POST", body=body))
+    assert backend_not_found(answer) == "/v1/no-such-route"  # the backend reports the path alone
+
+
 # -- bodies ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body", [
