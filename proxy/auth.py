@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hmac
 
-from flask import Flask, Response, request
+from flask import Flask, request
 
 from . import admin, forward, frontdoor
 from .config import ServerConfig
-from .errors import ProxyError, error_response
+from .errors import ProxyError
 
 _REALM = 'Bearer realm="inference-proxy"'
 
@@ -32,16 +32,15 @@ class Unauthorized(ProxyError):
     status, code = 401, "unauthorized"
 
     def __init__(self, message: str, *, presented: bool, **kwargs):
-        super().__init__(message, **kwargs)
         # A token that was sent but is wrong gets error="invalid_token"; a missing one none.
-        self.challenge = f'{_REALM}, error="invalid_token"' if presented else _REALM
+        challenge = f'{_REALM}, error="invalid_token"' if presented else _REALM
+        super().__init__(message, headers={"WWW-Authenticate": challenge}, **kwargs)
 
 
 def register_auth(app: Flask, server: ServerConfig) -> None:
     """Install the checks that the config asks for, each on its blueprint's requests only."""
     if server.admin_token is None and not server.api_keys:
         return
-    app.register_error_handler(Unauthorized, _challenge)
     if server.admin_token is not None:
         app.before_request_funcs.setdefault(admin.bp.name, []).append(_admin_check(server.admin_token))
     if server.api_keys:
@@ -108,9 +107,3 @@ def _is_key(candidate: bytes, keys: tuple[bytes, ...]) -> bool:
     for key in keys:
         found |= hmac.compare_digest(candidate, key)
     return found
-
-
-def _challenge(error: Unauthorized) -> Response:
-    response = error_response(error)
-    response.headers["WWW-Authenticate"] = error.challenge
-    return response
