@@ -93,7 +93,7 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
     response.call_on_close(lambda: _finish(upstream, exchange, watcher, admission))
     if "Content-Type" not in upstream.headers:
         del response.headers["Content-Type"]  # werkzeug would add text/html otherwise
-    elif upstream.headers["Content-Type"].startswith("text/event-stream"):
+    elif event_stream:
         response.headers["X-Accel-Buffering"] = "no"  # so an nginx in front does not buffer
     return response
 
@@ -187,12 +187,15 @@ def _close_exchange(exchange: Exchange, watcher) -> None:
     stop_watching(watcher)
 
 
-def _finish(upstream: requests.Response, exchange: Exchange, watcher, admission) -> None:
+def _finish(upstream: requests.Response | None, exchange: Exchange, watcher, admission) -> None:
     """Runs when the WSGI server closes the response, whatever happened: the connection
-    goes back to the pool when the body was read to its end, else it is closed."""
+    goes back to the pool when the body was read to its end, else it is closed. (While
+    waiting for a start, there may be no upstream or admission yet.)"""
     _close_exchange(exchange, watcher)
-    upstream.close()
-    admission.release()
+    if upstream is not None:
+        upstream.close()
+    if admission is not None:
+        admission.release()
 
 
 def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchange, watcher,
@@ -224,11 +227,7 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
             yield from _relay_body(upstream, exchange, label)
         finally:
             waiter.kill(block=False)  # stops our waiting only: a start under way goes on
-            _close_exchange(exchange, watcher)
-            if upstream is not None:
-                upstream.close()
-            if admission is not None:
-                admission.release()
+            _finish(upstream, exchange, watcher, admission)
 
     response = Response(events(), status=200, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
