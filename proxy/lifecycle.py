@@ -17,7 +17,7 @@ from gevent.event import AsyncResult
 from loguru import logger
 
 from .config import Config, ServiceConfig
-from .containers import AlreadyRunning, ContainerInfo, Containers, docker_epoch
+from .containers import AlreadyRunning, ContainerInfo, Containers, StartFailed, docker_epoch
 from .coordinator import PHASE_NONE, PHASE_STOPPING, Coordinator
 from .errors import ProxyError, ServiceNotRunning
 from .readiness import probe, wait_ready
@@ -146,6 +146,9 @@ class Lifecycle:
         except ProxyError as exc:
             logger.warning("starting {} on demand failed: {}", service.id, exc.message)
             result.set_exception(exc)
+        except Exception as exc:  # say, the engine's 500 on an inspect: never leave the waiters unanswered
+            logger.exception("starting {} on demand failed", service.id)
+            result.set_exception(StartFailed(f"Starting '{service.id}' on demand failed: {exc}", service_id=service.id))
 
     def _start(self, service: ServiceConfig) -> ContainerInfo:
         try:
