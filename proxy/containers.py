@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
@@ -70,9 +70,6 @@ class ContainerInfo:
     @property
     def running(self) -> bool:
         return self.status == "running"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # What shapes the container; timeouts, health paths and body limits are the proxy's own

@@ -351,21 +351,6 @@ class Coordinator:
         """Stamp activity without a request (say, when the service was just started)."""
         self._float[self._activity + self._services[service_id]] = time.time()
 
-    def snapshot(self) -> dict[str, dict]:
-        """Every service's counters at once (for status pages and metrics)."""
-        self._reap(0)
-        result = {}
-        self._lock()
-        try:
-            for sid, s in self._services.items():
-                in_flight, waiting = self._totals(s)
-                result[sid] = {"in_flight": in_flight, "waiting": waiting,
-                               "last_activity": self._float[self._activity + s],
-                               "phase": self._int[self._phase + s]}
-        finally:
-            self._unlock()
-        return result
-
     # -- phases ----------------------------------------------------------------------------
 
     def phase(self, service_id: str) -> int:
@@ -647,7 +632,6 @@ class Admission:
                 self.release()
 
     cancel = release
-    leave = release
 
     def __enter__(self) -> "Admission":
         return self

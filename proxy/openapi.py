@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Iterable
 
 from . import __version__
+from .config import SERVICE_ID
 from .errors import ERROR_TYPES
 
-_SERVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"  # the config's rule for service ids
+_SERVICE_ID_PATTERN = f"^{SERVICE_ID.pattern}$"  # the config's rule for service ids
 
 
 def _nullable(schema: dict, description: str) -> dict:

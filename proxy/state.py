@@ -43,7 +43,6 @@ class ServiceStates:
         self.engine_reachable: bool | None = None  # None until the first attempt
         self._stopping = threading.Event()
         self._close_stream = None
-        self._thread: threading.Thread | None = None
 
     def state(self, service_id: str) -> ServiceState:
         found = self._states.get(service_id)
@@ -57,8 +56,7 @@ class ServiceStates:
 
     def start(self) -> None:
         # threading is gevent's under gunicorn's worker: this is then a greenlet.
-        self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="docker-events", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
