@@ -120,15 +120,6 @@ def children():
         child.stop()
 
 
-def eventually(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # -- counts -------------------------------------------------------------------------------------
 
 def test_counts_agree_across_processes(coord, children):
@@ -319,23 +310,19 @@ def test_no_limit_means_no_queue(coord):
         admission.release()
 
 
-def test_the_limit_holds_under_contention(coord, children):
+def test_the_limit_holds_under_contention(coord):
     """Several processes admitting at once never exceed max_concurrent."""
-    script = textwrap.dedent("""
-        import time
-        def run(coord, rounds):
-            worst = 0
-            for _ in range(rounds):
-                admission = coord.admit("llama", 3, 100)
-                assert admission.wait(time.monotonic() + 30)
-                worst = max(worst, coord.in_flight("llama"))
-                admission.release()
-            return worst
-    """)
-    namespace: dict = {}
-    exec(script, namespace)
+    def run(rounds: int) -> int:
+        worst = 0
+        for _ in range(rounds):
+            admission = coord.admit("llama", 3, 100)
+            assert admission.wait(time.monotonic() + 30)
+            worst = max(worst, coord.in_flight("llama"))
+            admission.release()
+        return worst
+
     results = FORK.Queue()
-    procs = [FORK.Process(target=lambda: results.put(namespace["run"](coord, 300))) for _ in range(4)]
+    procs = [FORK.Process(target=lambda: results.put(run(300))) for _ in range(4)]
     for proc in procs:
         proc.start()
     worst = [results.get(timeout=60) for _ in procs]
@@ -525,7 +512,7 @@ def test_queued_waits_yield_to_other_greenlets_under_gevent():
     assert run.returncode == 0, run.stderr
 
 
-def test_full_rows_raise(coord):
+def test_full_rows_raise():
     full = Coordinator.create(["llama"], [], max_workers=1)
     try:
         child = Child(full)

@@ -225,7 +225,8 @@ class _Slowloris:
     @staticmethod
     def _closed(sock: socket.socket) -> bool:
         try:
-            return sock.recv(1, socket.MSG_PEEK) == b"" or True  # EOF, or an answer (400/408): done
+            sock.recv(1, socket.MSG_PEEK)  # EOF, or an answer (400/408): done either way
+            return True
         except BlockingIOError:
             return False
         except OSError:

@@ -145,13 +145,10 @@ def test_check_reads_config_from_flag_then_env_then_working_directory(tmp_path, 
 @pytest.fixture
 def shipped_config(tmp_path):
     """The shipped config.yaml, with only server.port moved to a free port."""
-    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     config["server"]["port"] = free_port()
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    reread = yaml.safe_load(path.read_text())
-    assert {**reread, "server": {**reread["server"], "port": shipped["server"]["port"]}} == shipped
     return path
 
 
