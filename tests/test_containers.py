@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from conftest import TEST_IMAGE, free_port, recv_until, service_entry, wait_until
+from conftest import TEST_IMAGE, free_port, recv_until, service_entry, skip_outside_ci, wait_until
 from docker_relay import DockerRelay
 from engine_api import api, containers_of, error_of, start_ready, status
 
@@ -175,7 +175,7 @@ def test_missing_image_fails_with_dockers_message(engine_proxy, docker_client, c
 
 def test_gpu_request_without_nvidia_runtime_says_so(engine_proxy, docker_client, container_prefix):
     if "nvidia" in docker_client.info().get("Runtimes", {}):
-        pytest.skip("this engine has the NVIDIA runtime: the no-driver failure cannot happen here")
+        skip_outside_ci("this engine has the NVIDIA runtime: the no-driver failure cannot happen here")
     proxy = engine_proxy({"llm": service_entry(free_port(), resources={"gpus": "all"})})
     error = _assert_start_fails_cleanly(proxy, docker_client, container_prefix)
     assert "could not select device driver" in error["message"]

@@ -20,8 +20,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import (BACKEND_SCRIPT, NO_ENGINE, ROOT, Proxy, free_port, service_entry, stop_process, wait_for_proxy,
-                      wait_until)
+from conftest import (BACKEND_SCRIPT, NO_ENGINE, ROOT, Proxy, free_port, service_entry, skip_outside_ci, stop_process,
+                      wait_for_proxy, wait_until)
 from proxy.log import redact
 
 LINE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} \| (DEBUG|INFO|WARNING|ERROR|CRITICAL) *\| .*")
@@ -261,7 +261,7 @@ def engine_proxy(docker_client, tmp_path_factory):
 def test_container_start_failure_is_logged_as_an_error(docker_client, engine_proxy, service_id, query, status,
                                                        code, logged):
     if service_id == "gpus" and "nvidia" in (docker_client.info().get("Runtimes") or {}):
-        pytest.skip("this engine has an NVIDIA runtime: a GPU request may succeed")
+        skip_outside_ci("this engine has an NVIDIA runtime: a GPU request may succeed")
     answer = requests.post(f"{engine_proxy.url}/api/v1/service/{service_id}/start{query}", headers=CLOSE, timeout=90)
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
