@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import report
 from run import CHAT, Bench, chat_body
 from targets import (BENCH, SERVICE, Stack, free_port, log, proxy_config, raise_nofile, service_entry, start_backend,
                      start_proxy, start_stack_floor)
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         figures[name] = {}
         for key in ("c32", "c1"):
             cpu = sum(run[key]["cpu_s"] for run in runs[name])
-            done = sum(run[key]["completed"] for run in runs[name])
+            done = sum(report.requests_served(run[key]) for run in runs[name])
             errors = sum(run[key]["errors"] for run in runs[name])
             figures[name][key] = {"cpu_us_per_request": cpu / max(done, 1) * 1e6, "requests": done, "errors": errors}
     width = max(len(what) for _, what in LAYERS) + 2
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         errors = f["c32"]["errors"] + f["c1"]["errors"]
         print(f"{name:14}{what:{width}}{f['c32']['cpu_us_per_request']:>19,.0f} us{f['c1']['cpu_us_per_request']:>7,.0f} us"
               + (f"  ({errors} errors)" if errors else ""))
-    args.out.parent.mkdir(exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rounds": args.rounds, "seconds": args.seconds, "layers": figures}, indent=2))
     return 0
 

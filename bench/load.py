@@ -193,7 +193,7 @@ def run_requests(spec: dict) -> dict:
     count, duration = spec.get("count"), spec.get("duration")
     latencies: list[float] = []
     errors: list[str] = []
-    go, warmed = Event(), [0]
+    go, warmed, warm_ups = Event(), [0], [0]
     state = {"left": count, "deadline": None}
 
     def one(conn: Conn | None) -> Conn | None:
@@ -213,7 +213,8 @@ def run_requests(spec: dict) -> dict:
     def worker() -> None:
         conn = None
         try:
-            conn = one(None)  # warm-up: connect and one request, not measured
+            conn = one(None)  # warm-up: connect and one request, not timed (but served: counted)
+            warm_ups[0] += 1
         except Exception as exc:  # noqa: BLE001 - every failure is a counted error
             errors.append(f"warm-up: {exc!r}")
             conn = None
@@ -252,7 +253,7 @@ def run_requests(spec: dict) -> dict:
     gevent.joinall(workers)
     elapsed = time.perf_counter() - started
     return {"latencies_ms": latencies, "completed": len(latencies), "errors": len(errors),
-            "error_samples": errors[:5], "elapsed_s": elapsed}
+            "warm_ups": warm_ups[0], "error_samples": errors[:5], "elapsed_s": elapsed}
 
 
 def run_streams(spec: dict) -> dict:

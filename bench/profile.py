@@ -23,23 +23,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+from run import CHAT, chat_body
 from targets import (BENCH, ROOT, SERVICE, Stack, free_port, log, proxy_config, raise_nofile, service_entry,
                      start_backend, start_proxy, start_stack_floor)
-
-CHAT = "/v1/chat/completions"
-
 
 def load_spec(kind: str, seconds: float, target) -> dict:
     base = {"host": "127.0.0.1", "port": target.port}
     if kind == "chat":
         return {**base, "kind": "requests", "path": target.prefix + CHAT, "concurrency": 32, "duration": seconds,
-                "expect": "chat.completion",
-                "body": json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})}
+                "expect": "chat.completion", "body": chat_body(16, False)}
     # 64 streams of 64 chunks 20 ms apart at a time: about 3,200 chunks a second
     count = int(64 * seconds / 1.35) + 64
     return {**base, "kind": "streams", "path": target.prefix + CHAT + "?delay=0.02", "concurrency": 64,
-            "count": count, "expect_events": 65, "timeout": 120,
-            "body": json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True})}
+            "count": count, "expect_events": 65, "timeout": 120, "body": chat_body(64, True)}
 
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")

@@ -54,15 +54,20 @@ def _client(runs: list[dict]) -> dict:
     return {"client_cpu_share": cpu / wall if wall else None}
 
 
+def requests_served(run: dict) -> int:
+    """Every request the target answered inside a load's CPU window: the timed ones, the
+    failed ones and the untimed warm-up request of each connection."""
+    return run["completed"] + run["errors"] + run["warm_ups"]
+
+
 def summarise_chat(runs: dict) -> dict:
     out = {}
     for name, rounds in runs.items():
         c1 = [r["c1"] for r in rounds]
         c32 = [r["c32"] for r in rounds]
         latencies = [x for r in c1 for x in r["latencies_ms"]]
-        # warm-up requests (one per connection) reach the target inside the CPU window too
-        served_c1 = sum(r["completed"] + r["errors"] + 1 for r in c1)
-        served_c32 = sum(r["completed"] + r["errors"] + 32 for r in c32)
+        served_c1 = sum(requests_served(r) for r in c1)
+        served_c32 = sum(requests_served(r) for r in c32)
         cpu_c1 = None if c1[0]["cpu_s"] is None else sum(r["cpu_s"] for r in c1)
         cpu_c32 = None if c32[0]["cpu_s"] is None else sum(r["cpu_s"] for r in c32)
         out[name] = {
@@ -258,14 +263,14 @@ SECTIONS = [
         ("CPU per chunk (us)", "cpu_us_per_chunk", 1, None, "<=25 us"),
         ("  less the stream's request cost (us)", "cpu_us_per_chunk_marginal", 1, None, ""),
     ]),
-    ("streams200", "200 concurrent streams (20 chunks, 100 ms apart)", [
+    ("streams200", "200 concurrent streams ({s200_tokens} chunks, {s200_ms:g} ms apart)", [
         ("time to first byte p50 (ms)", "ttfb_p50_ms", 1, "ratio", "<=2x direct"),
         ("time to first byte p99 (ms)", "ttfb_p99_ms", 1, "ratio", ""),
         ("inter-chunk gap p99 (ms)", "gap_p99_ms", 1, "diff", ""),
         ("errors", "errors", 0, None, "0"),
         ("incomplete streams", "incomplete", 0, None, "0"),
     ]),
-    ("streams1000", "1,000 concurrent streams (10 chunks, 500 ms apart)", [
+    ("streams1000", "1,000 concurrent streams ({s1000_tokens} chunks, {s1000_ms:g} ms apart)", [
         ("time to first byte p50 (ms)", "ttfb_p50_ms", 1, "ratio", ""),
         ("time to first byte p99 (ms)", "ttfb_p99_ms", 1, "ratio", ""),
         ("inter-chunk gap p99 (ms)", "gap_p99_ms", 1, "diff", "+<=10 ms"),
@@ -299,10 +304,12 @@ def table(doc: dict) -> str:
     m = doc["metrics"]
     names = [n for n in NAMES if any(n in section for section in m.values() if isinstance(section, dict))]
     rows: list[list[str]] = [["", *names, "target (proxy)"]] if names else []
+    s = doc["settings"]  # --quick streams fewer chunks
+    titles = {**s, "s200_ms": s["s200_delay"] * 1000, "s1000_ms": s["s1000_delay"] * 1000}
     for key, title, lines in SECTIONS:
         if key not in m:
             continue
-        rows.append([f"# {title}"])
+        rows.append([f"# {title.format(**titles)}"])
         for label, metric, digits, compare, target in lines:
             direct = _get(m, f"{key}.direct.{metric}")
             rows.append([label] + [_cell(_get(m, f"{key}.{name}.{metric}"), direct, digits, compare, name == "direct")
