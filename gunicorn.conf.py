@@ -2,8 +2,8 @@
 
 The config is checked here, in the master, before any worker forks: a bad config ends
 start-up with exit status 1 and its messages, instead of gunicorn looping on workers that
-fail to boot. Settings follow DESIGN.md §5 (gevent workers, no preload, a long graceful
-timeout for in-flight streams, the control socket off).
+fail to boot. Settings: gevent workers, no preload, a long graceful timeout for in-flight
+streams, the control socket off.
 """
 import os
 import sys
@@ -11,7 +11,7 @@ import sys
 from loguru import logger
 
 from proxy.config import ConfigError, config_path, load_config
-from proxy.coordinator import ensure_installed
+from proxy.shared.coordinator import ensure_installed
 from proxy.log import GunicornLogger, setup_logging
 
 _path = config_path()

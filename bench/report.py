@@ -1,4 +1,4 @@
-"""Turn raw load results into figures, check them against issue 5's targets, and print
+"""Turn raw load results into figures, check them against the benchmark's targets, and print
 the table (every figure next to its difference or ratio to direct) and the JSON."""
 from __future__ import annotations
 
@@ -338,7 +338,7 @@ def table(doc: dict) -> str:
         text.append("  (CLI: docker run -d / docker stop -t 5 && docker rm; API: POST .../start (202) / .../stop)")
     elif c:
         text += ["", f"# Containers: skipped ({c['skipped']})"]
-    text += ["", "# Targets (issue 5)" + ("; in brackets, the same figure for the stack floor" if doc.get("stack_floor_targets") else "")]
+    text += ["", "# Targets" + ("; in brackets, the same figure for the stack floor" if doc.get("stack_floor_targets") else "")]
     floors = {t["target"]: t for t in doc.get("stack_floor_targets") or []}
     for t in doc["targets"]:
         status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The proxy's benchmark (issue 5): ``python bench/run.py [--quick] [--only ...] [--skip-containers]``.
+"""The proxy's benchmark: ``python bench/run.py [--quick] [--only ...] [--skip-containers]``.
 
 Starts the test backend, the proxy under gunicorn with the shipped gunicorn.conf.py (one
 worker, no Docker engine: it forwards blind) and nginx in front of the same backend, then

@@ -7,7 +7,7 @@ One Flask view: the body read whole, one request upstream through a requests ada
 No config, no header filtering beyond the hop-by-hop ones, no admission, no disconnect
 watcher, no logging; only the proxy's free tricks (headers of an event stream sent at
 once, a small body passed as bytes). Whatever the proxy costs above this is the proxy's own work; what
-this costs is the user's stack (DESIGN.md §1). ``run.py --floor`` adds it as the column
+this costs is the fixed stack (Flask, requests, gunicorn with gevent). ``run.py --floor`` adds it as the column
 "stack", started with the shipped gunicorn settings that matter (workers, connections,
 keep-alive).
 

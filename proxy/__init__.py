@@ -1,11 +1,11 @@
 """The inference proxy: a Flask app that forwards to, starts and stops local model servers.
 
 ``create_app`` is the only place where the parts are wired together. Nothing here runs at
-import time: no Docker client, no HTTP session, no app (DESIGN.md §2).
+import time: no Docker client, no HTTP session, no app (gevent must patch a worker first).
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def create_app(config=None, docker_client=None):
@@ -22,12 +22,10 @@ def create_app(config=None, docker_client=None):
     """
     from flask import Flask
 
-    from . import admin, forward, frontdoor, health
-    from .auth import register_auth
     from .config import config_path, load_config
     from .errors import register_error_handlers
-    from .log import setup_logging
-    from .requestlog import register_request_log
+    from .log import register_request_log, setup_logging
+    from .routes import register_routes
     from .runtime import Runtime
 
     if config is None:
@@ -37,12 +35,8 @@ def create_app(config=None, docker_client=None):
     app = Flask(__name__)
     app.extensions["proxy"] = Runtime(config, docker_client=docker_client)
     register_error_handlers(app)
-    register_auth(app, config.server)  # admin token, API keys: only what is configured
     if config.server.log_level == "DEBUG":
         register_request_log(app)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(forward.bp)
-    app.register_blueprint(admin.bp)
-    app.register_blueprint(frontdoor.bp)
+    register_routes(app, config)
     app.extensions["proxy"].start()
     return app

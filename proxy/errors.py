@@ -2,7 +2,7 @@
 
 Every error a client sees from the proxy (not from a backend) has the OpenAI shape, so
 OpenAI clients display it well, plus ``source: "proxy"`` so nobody mistakes it for the
-model's own answer (DESIGN.md §4)::
+model's own answer::
 
     {"error": {"message": "...", "type": "service_unavailable",
                "code": "service_not_running", "service_id": "llama3", "source": "proxy"}}
@@ -74,12 +74,38 @@ class ServiceNotFound(ProxyError):
 class ServiceNotRunning(ProxyError):
     status, code = 503, "service_not_running"
 
-    def __init__(self, service_id: str, state: str = "not running"):
+    def __init__(self, service_id: str, state: str = "not running", extra: dict | None = None):
         super().__init__(
             f"Service '{service_id}' is not running" + ("" if state == "not running" else f" (container {state})"),
-            service_id=service_id,
+            service_id=service_id, extra=extra,
             hint=f"Start it with POST /api/v1/service/{service_id}/start",
         )
+
+
+class ServiceStopping(ProxyError):
+    status, code = 503, "service_stopping"
+
+
+class ModelNotFound(ProxyError):
+    status, code = 404, "model_not_found"
+
+
+class InvalidRequest(ProxyError):
+    """400 for a request the proxy cannot use; ``code`` says what exactly."""
+
+    status, code = 400, "invalid_request"
+
+
+class BodyTooLarge(ProxyError):
+    status, code = 413, "body_too_large"
+
+
+class TooManyRequests(ProxyError):
+    status, code = 429, "too_many_requests"
+
+
+class Unauthorized(ProxyError):
+    status, code = 401, "unauthorized"
 
 
 class UpstreamUnreachable(ProxyError):
@@ -92,6 +118,38 @@ class UpstreamTimeout(ProxyError):
 
 class DockerUnavailable(ProxyError):
     status, code = 503, "docker_unavailable"
+
+
+class AlreadyRunning(ProxyError):
+    status, code = 409, "already_running"
+
+
+class NameConflict(ProxyError):
+    status, code = 409, "name_conflict"
+
+
+class StartFailed(ProxyError):
+    """A start that did not reach ready; ``code`` is one of START_FAILURES."""
+
+    status, code = 500, "start_failed"
+
+
+class StartTimeout(ProxyError):
+    status, code = 504, "start_timeout"
+
+
+class StopFailed(ProxyError):
+    status, code = 500, "stop_failed"
+
+
+# Every code a start can fail with, whichever path asked for it (admin API or a request).
+START_FAILURES = {
+    "start_failed": (500, "Docker refused the container (port taken, GPU runtime missing, ...)"),
+    "image_unavailable": (500, "the image is not present and could not be pulled"),
+    "volume_missing": (500, "a bind-mount source does not exist (checked before creating)"),
+    "container_exited": (500, "the container exited while starting; see exit_code, oom_killed and logs"),
+    "start_timeout": (504, "not ready within the deadline"),
+}
 
 
 def error_response(error: ProxyError) -> Response:

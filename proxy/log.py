@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 
+from flask import Flask, g, request
 from gunicorn.glogging import Logger as _GunicornBaseLogger
 from loguru import logger
 
@@ -87,3 +89,19 @@ class GunicornLogger(_GunicornBaseLogger):
         for log in (self.error_log, self.access_log):
             log.handlers = [InterceptHandler()]
             log.propagate = False
+
+
+def register_request_log(app: Flask) -> None:
+    """A DEBUG line per request: method, path, status, time to the response headers.
+    Registered only at DEBUG, so the hot path pays nothing otherwise. No query string:
+    clients put API keys there."""
+    @app.before_request
+    def _stamp() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _log(response):
+        started = g.get("request_started")
+        elapsed_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+        logger.debug("{} {} -> {} in {:.1f} ms", request.method, request.path, response.status_code, elapsed_ms)
+        return response

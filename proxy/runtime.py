@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from .config import Config
-from .containers import Containers
-from .coordinator import for_services
-from .lifecycle import Lifecycle
-from .state import ServiceStates
-from .upstream import UpstreamPool
+from .services.containers import Containers
+from .shared.coordinator import for_services
+from .services.lifecycle import Lifecycle
+from .services.container_states import ServiceStates
+from .forwarding.upstream import UpstreamPool
 
 
 class Runtime:

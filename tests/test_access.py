@@ -17,7 +17,7 @@ import requests
 from flask import Flask
 
 from conftest import recv_until, service_entry, wait_until
-from proxy.auth import register_auth
+from proxy.routes.auth import register_auth
 from proxy.config import ServerConfig
 
 ADMIN_TOKEN = "adm-7Qx9-token"

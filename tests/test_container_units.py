@@ -7,7 +7,7 @@ import pytest
 from docker.types import DeviceRequest
 
 from proxy.config import load_config_text
-from proxy.containers import Containers, _age_seconds, config_hash, device_requests, hint_for
+from proxy.services.containers import Containers, _age_seconds, config_hash, device_requests, hint_for
 
 SERVICE = """
 services:

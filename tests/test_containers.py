@@ -306,7 +306,7 @@ def test_engine_outage_gives_503_keeps_forwarding_and_recovers(engine_proxy, tmp
 
 def test_gpu_device_requests_reach_the_container_config(docker_client, container_prefix):
     from proxy.config import load_config_text
-    from proxy.containers import Containers
+    from proxy.services.containers import Containers
 
     config = load_config_text(f"""
 services:

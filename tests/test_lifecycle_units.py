@@ -5,10 +5,10 @@ import docker.errors
 import pytest
 
 from proxy.config import load_config_text
-from proxy.coordinator import Coordinator
+from proxy.shared.coordinator import Coordinator
 from proxy.errors import ProxyError
-from proxy.lifecycle import Lifecycle
-from proxy.upstream import UpstreamPool
+from proxy.services.lifecycle import Lifecycle
+from proxy.forwarding.upstream import UpstreamPool
 
 CONFIG = """
 services:

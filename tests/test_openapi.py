@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (allow_header_conformance, content
                                                status_code_conformance, unsupported_method)
 
 from conftest import free_port, service_entry
-from proxy.openapi import document
+from proxy.routes.openapi import document
 
 # The 5xx answers a healthy proxy may give: Docker refusing, a container dying or being
 # slow to start, the engine going away. Anything else (internal_server_error: an

@@ -1,6 +1,6 @@
 """Start-up, end to end: what `gunicorn -c gunicorn.conf.py wsgi:app` and `python -m proxy check`
 do with bad and good configs, the shipped config under real gunicorn with and without a
-Docker engine, and the one error envelope (DESIGN.md §4) for every error the proxy makes."""
+Docker engine, and the one error envelope for every error the proxy makes."""
 from __future__ import annotations
 
 import os

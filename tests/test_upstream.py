@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from conftest import free_port
-from proxy.upstream import UpstreamPool
+from proxy.forwarding.upstream import UpstreamPool
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from . import __version__
+from .. import __version__
 
 bp = Blueprint("health", __name__)
 

@@ -11,23 +11,19 @@ import json
 
 from flask import Blueprint, current_app, jsonify, request
 
-from .errors import ProxyError
-from .relay import BodyTooLarge, Outgoing, relay
-from .upstream import client_target, request_headers
+from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound
+from ..forwarding.relay import Outgoing, body_too_large, relay
+from ..forwarding.upstream import client_target, request_headers
 
-bp = Blueprint("frontdoor", __name__)
+bp = Blueprint("openai", __name__)
 
 # A chat request's JSON (long contexts, base64 images) stays well below this; the limit
 # only bounds what one request may make the proxy hold while it reads the model name.
 _DEFAULT_MAX_JSON_BODY = 64 * 1024 * 1024
 
 
-class ModelNotFound(ProxyError):
-    status, code = 404, "model_not_found"
-
-
-def _invalid(message: str, code: str = "invalid_request") -> ProxyError:
-    return ProxyError(message, status=400, code=code)
+def _invalid(message: str, code: str = "invalid_request") -> InvalidRequest:
+    return InvalidRequest(message, code=code)
 
 
 @bp.get("/v1/models")
@@ -54,7 +50,7 @@ def route_by_model(path: str):
         raise ModelNotFound(f"The model '{model}' does not exist; known models: {', '.join(known) or 'none'}",
                             extra={"param": "model", "known_models": known})
     if service.max_body_size is not None and len(body) > service.max_body_size:
-        raise BodyTooLarge(service)
+        raise body_too_large(service)
     if service.model_name and model != service.model_name:
         payload["model"] = service.model_name  # for backends that check the name they serve
         body = json.dumps(payload).encode()
@@ -69,10 +65,10 @@ def route_by_model(path: str):
 def _read_json_body() -> tuple[bytes, dict]:
     length = request.content_length
     if length is not None and length > _DEFAULT_MAX_JSON_BODY:
-        raise ProxyError(f"Request body over {_DEFAULT_MAX_JSON_BODY} bytes", status=413, code="body_too_large")
+        raise BodyTooLarge(f"Request body over {_DEFAULT_MAX_JSON_BODY} bytes")
     body = request.stream.read(_DEFAULT_MAX_JSON_BODY + 1)
     if len(body) > _DEFAULT_MAX_JSON_BODY:
-        raise ProxyError(f"Request body over {_DEFAULT_MAX_JSON_BODY} bytes", status=413, code="body_too_large")
+        raise BodyTooLarge(f"Request body over {_DEFAULT_MAX_JSON_BODY} bytes")
     try:
         payload = json.loads(body)
     except ValueError:

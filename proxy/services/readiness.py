@@ -6,9 +6,9 @@ from typing import Callable
 
 import requests
 
-from .config import ServiceConfig
+from ..config import ServiceConfig
 from .containers import ContainerInfo
-from .upstream import UpstreamPool
+from ..forwarding.upstream import UpstreamPool
 
 _PROBE_TIMEOUT = (1.0, 2.0)  # connect, read: a health answer is quick or it is not ready
 _POLL_INTERVAL = 0.25

@@ -16,22 +16,18 @@ import gevent
 from gevent.event import AsyncResult
 from loguru import logger
 
-from .config import Config, ServiceConfig
-from .containers import AlreadyRunning, ContainerInfo, Containers, StartFailed, docker_epoch
-from .coordinator import PHASE_NONE, PHASE_STOPPING, Coordinator
-from .errors import ProxyError, ServiceNotRunning
+from ..config import Config, ServiceConfig
+from .containers import ContainerInfo, Containers, docker_epoch
+from ..shared.coordinator import PHASE_NONE, PHASE_STOPPING, Coordinator
+from ..errors import AlreadyRunning, ProxyError, ServiceNotRunning, StartFailed, StartTimeout
 from .readiness import probe, wait_ready
-from .state import ServiceStates
-from .upstream import UpstreamPool
+from .container_states import ServiceStates
+from ..forwarding.upstream import UpstreamPool
 
 _WAIT_STEP = 0.25         # seconds between looks while a service is being stopped or swapped
 _IDLE_CHECK_EVERY = 1.0   # seconds between idle sweeps
 _STOPPING_GRACE = 120.0   # a "stopping" flag older than this is a dead worker's: ignore it
 _CREATE_RACE_GRACE = 10.0  # seconds another worker's container may take to appear after its create began
-
-
-class StartTimeout(ProxyError):
-    status, code = 504, "start_timeout"
 
 
 class Lifecycle:

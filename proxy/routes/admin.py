@@ -5,11 +5,11 @@ import gevent.pool
 from flask import Blueprint, current_app, jsonify, request
 from loguru import logger
 
-from .config import ServiceConfig
-from .containers import ContainerInfo, config_hash
-from .errors import ProxyError, ServiceNotFound
+from ..config import ServiceConfig
+from ..services.containers import ContainerInfo, config_hash
+from ..errors import InvalidRequest, ProxyError, ServiceNotFound
 from .openapi import document
-from .readiness import probe, wait_ready
+from ..services.readiness import probe, wait_ready
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1")
 
@@ -79,14 +79,14 @@ def start_service(service_id: str):
 def _wait_arguments() -> tuple[bool, float]:
     wait_text = request.args.get("wait", "false").lower()
     if wait_text not in ("true", "false", "1", "0", "yes", "no"):
-        raise ProxyError("Query parameter 'wait' must be true or false", status=400, code="invalid_parameter")
+        raise InvalidRequest("Query parameter 'wait' must be true or false", code="invalid_parameter")
     try:
         timeout = float(request.args.get("timeout", _DEFAULT_WAIT_SECONDS))
     except ValueError:
         timeout = -1.0
     if not 0 < timeout <= _MAX_WAIT_SECONDS:
-        raise ProxyError(f"Query parameter 'timeout' must be a number of seconds in (0, {_MAX_WAIT_SECONDS:g}]",
-                         status=400, code="invalid_parameter")
+        raise InvalidRequest(f"Query parameter 'timeout' must be a number of seconds in (0, {_MAX_WAIT_SECONDS:g}]",
+                             code="invalid_parameter")
     return wait_text in ("true", "1", "yes"), timeout
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from . import __version__
-from .config import SERVICE_ID
-from .errors import ERROR_TYPES
+from .. import __version__
+from ..config import SERVICE_ID
+from ..errors import ERROR_TYPES
 
 _SERVICE_ID_PATTERN = f"^{SERVICE_ID.pattern}$"  # the config's rule for service ids
 

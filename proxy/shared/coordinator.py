@@ -1,7 +1,7 @@
 """Counters that all gunicorn workers agree on, per service: in flight, waiting, last
 activity, a phase flag, and a swap lock per GPU group.
 
-Container state stays in Docker (DESIGN.md §3); this holds only what Docker cannot: how
+Container state stays in Docker; this holds only what Docker cannot: how
 many requests each worker has open right now. It lives in one shared memory block that
 the gunicorn master makes before it forks (``ensure_installed`` in gunicorn.conf.py), so
 every worker inherits the very same pages. A process without an installed coordinator
@@ -49,9 +49,10 @@ import time
 import weakref
 from typing import NamedTuple, Sequence
 
+from .admission import CANCELLED, IN_FLIGHT, QUEUED, REJECTED, Admission
+from .processes import alive, start_time
+
 MAGIC = 0x5052_4F58_4343_0001  # "PROXCC", layout version 1
-REAP_INTERVAL = 0.25  # s: at most this often on the admission slow path
-POLL_INTERVAL = 0.015  # s: how often a queued request looks for a free slot
 _HEADER = 8  # int64 slots: magic, services, groups, rows, rows used, last token, spare
 _H_MAGIC, _H_SERVICES, _H_GROUPS, _H_ROWS, _H_USED, _H_TOKEN = range(6)
 _BUSY = (errno.EACCES, errno.EAGAIN)
@@ -60,15 +61,6 @@ _LOCK_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
 # phases are plain ints; these are the ones the proxy uses
 PHASE_NONE = 0
 PHASE_STOPPING = 1
-PHASE_STARTING = 2
-
-# admission states
-IN_FLIGHT = "in_flight"
-QUEUED = "queued"
-REJECTED = "rejected"
-RELEASED = "released"
-CANCELLED = "cancelled"
-
 
 class CoordinatorFull(RuntimeError):
     """More live processes use the coordinator than it has rows (``max_workers``)."""
@@ -79,66 +71,6 @@ class PhaseInfo(NamedTuple):
     pid: int  # the process that set it; 0 if never set
     since: float  # time.monotonic() when it was set; 0.0 if never
     owner_alive: bool
-
-
-class GroupOwner(NamedTuple):
-    pid: int
-    token: int
-    since: float  # time.monotonic() when taken or last renewed
-    alive: bool
-
-
-# -- process identity ------------------------------------------------------------------
-
-_HAVE_PROC = os.path.isdir("/proc/self")
-_GONE = -1  # _start_time(): the process is gone or a zombie
-_VERIFY_EVERY = 5.0  # s: how long a (pid, start time) match is trusted without /proc
-
-
-def _start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (Linux); 0 when unknown."""
-    if not _HAVE_PROC:
-        return 0
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except FileNotFoundError:
-        return _GONE
-    except OSError:
-        return 0
-    fields = data[data.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
-    if fields[0] in (b"Z", b"X"):
-        return _GONE
-    return int(fields[19])  # field 22 of proc(5), counted from field 3 (the state)
-
-
-def _alive(pid: int, birth: int, verified: dict) -> bool:
-    """Whether the process that wrote (pid, birth) still runs.
-
-    ``verified`` caches when a pid was last matched against its start time, so most
-    checks are one ``kill(pid, 0)``; the start time (zombie, pid reuse) is read again
-    every ``_VERIFY_EVERY`` s, and a pid is dropped from the cache once seen gone.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        verified.pop(pid, None)
-        return False
-    except OSError:
-        pass  # EPERM: it exists, as another user's process
-    if not birth:
-        return True
-    now = time.monotonic()
-    seen = verified.get(pid)
-    if seen is not None and seen[0] == birth and now - seen[1] < _VERIFY_EVERY:
-        return True
-    started = _start_time(pid)
-    if started == _GONE or (started and started != birth):
-        verified.pop(pid, None)
-        return False
-    if started:
-        verified[pid] = (birth, now)
-    return True
 
 
 _instances: "weakref.WeakSet[Coordinator]" = weakref.WeakSet()
@@ -380,7 +312,7 @@ class Coordinator:
         ints = self._int
         phase, pid, birth = ints[self._phase + s], ints[self._phase_pid + s], ints[self._phase_birth + s]
         since = self._float[self._phase_since + s]
-        return PhaseInfo(phase, pid, since, bool(pid) and _alive(pid, birth, self._verified))
+        return PhaseInfo(phase, pid, since, bool(pid) and alive(pid, birth, self._verified))
 
     # -- group swap locks --------------------------------------------------------------------
 
@@ -394,7 +326,7 @@ class Coordinator:
         at = self._group + 3 * g
         ints = self._int
         pid, birth, token = ints[at], ints[at + 1], ints[at + 2]
-        owner_gone = bool(pid) and not _alive(pid, birth, self._verified)  # outside the lock
+        owner_gone = bool(pid) and not alive(pid, birth, self._verified)  # outside the lock
         my_birth = self._my_birth()
         self._lock()
         try:
@@ -421,19 +353,6 @@ class Coordinator:
                 return None
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
-    def renew_group(self, group: str, token: int) -> bool:
-        """Restart the stale clock of a lock we hold (long starts); False if it was lost."""
-        g = self._groups[group]
-        at = self._group + 3 * g
-        self._lock()
-        try:
-            if self._int[at + 2] != token:
-                return False
-            self._float[self._group_since + g] = time.monotonic()
-            return True
-        finally:
-            self._unlock()
-
     def unlock_group(self, group: str, token: int) -> bool:
         """Release the lock if ``token`` still holds it; False if it was taken over."""
         g = self._groups[group]
@@ -449,26 +368,11 @@ class Coordinator:
         finally:
             self._unlock()
 
-    def group_owner(self, group: str) -> GroupOwner | None:
-        """Who holds the group's lock, or None."""
-        g = self._groups[group]
-        at = self._group + 3 * g
-        ints = self._int
-        pid, birth, token = ints[at], ints[at + 1], ints[at + 2]
-        if not pid:
-            return None
-        return GroupOwner(pid, token, self._float[self._group_since + g],
-                          _alive(pid, birth, self._verified))
-
-    def group_owner_alive(self, group: str) -> bool:
-        owner = self.group_owner(group)
-        return owner is not None and owner.alive
-
     # -- rows, reaping, the lock -------------------------------------------------------------
 
     def _my_birth(self) -> int:
         if self._birth is None:
-            started = _start_time(self._pid)
+            started = start_time(self._pid)
             self._birth = started if started > 0 else 0
         return self._birth
 
@@ -515,7 +419,7 @@ class Coordinator:
             if not pid or at == self._base:
                 continue
             birth = ints[at + 1]
-            if pid == self._pid or not _alive(pid, birth, verified):  # our pid in a row not ours: reused
+            if pid == self._pid or not alive(pid, birth, verified):  # our pid in a row not ours: reused
                 dead.append((at, pid, birth))
         if not dead:
             return False
@@ -564,83 +468,6 @@ class Coordinator:
     def _unlock(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
         self._local.release()
-
-
-class Admission:
-    """One request's place: in flight, queued, or rejected. End it with ``release()``
-    (or ``with admission:``); ``cancel()`` is the same, for a client that left."""
-
-    __slots__ = ("_coordinator", "_service", "state", "phase", "_ticket", "_limit")
-
-    def __init__(self, coordinator: Coordinator, service: int, state: str, phase: int,
-                 ticket: int, limit: int):
-        self._coordinator = coordinator
-        self._service = service
-        self.state = state
-        self.phase = phase  # the service's phase when admitted (queued: when it got its slot)
-        self._ticket = ticket
-        self._limit = limit
-
-    @property
-    def service_id(self) -> str:
-        return self._coordinator.service_ids[self._service]
-
-    @property
-    def admitted(self) -> bool:
-        return self.state is IN_FLIGHT
-
-    @property
-    def queued(self) -> bool:
-        return self.state is QUEUED
-
-    @property
-    def rejected(self) -> bool:
-        return self.state is REJECTED
-
-    def wait(self, deadline: float | None = None, poll: float = POLL_INTERVAL) -> bool:
-        """Wait in the queue for a slot until ``deadline`` (a time.monotonic() value; None:
-        until admitted or cancelled). True once in flight; False if cancelled or the
-        deadline passed (the admission then has left the queue)."""
-        coordinator = self._coordinator
-        while True:
-            if self.state is not QUEUED:
-                return self.state is IN_FLIGHT
-            if coordinator._try_grant(self):
-                return True
-            if coordinator._reap(REAP_INTERVAL):  # a dead worker's slots are free now
-                continue
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                coordinator._withdraw(self)
-                return self.state is IN_FLIGHT
-            time.sleep(poll if deadline is None else min(poll, deadline - now))
-
-    def release(self) -> None:
-        """End the admission, in any state; only the first call counts."""
-        state = self.state
-        if state is IN_FLIGHT:
-            coordinator = self._coordinator
-            with coordinator._local:
-                if self.state is not IN_FLIGHT:
-                    return
-                coordinator._int[coordinator._base + 2 + self._service] -= 1
-                self.state = RELEASED
-            coordinator._float[coordinator._activity + self._service] = time.time()
-        elif state is QUEUED:
-            self._coordinator._withdraw(self)  # a concurrent grant may win: then release again
-            if self.state is IN_FLIGHT:
-                self.release()
-
-    cancel = release
-
-    def __enter__(self) -> "Admission":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"<Admission {self.service_id} {self.state}>"
 
 
 def _shared_file(size: int):

@@ -1,7 +1,7 @@
 """Notice a client that leaves while we wait on its backend, and cut the backend off.
 
 Under gunicorn's gevent worker a vanished client is otherwise noticed only at the next
-write, which for a long prompt may be minutes away (DESIGN.md §5). Per request, a libev
+write, which for a long prompt may be minutes away. Per request, a libev
 io watcher on the client socket calls back (in the hub, no greenlet) when it turns
 readable; if a peek then finds EOF the client is gone, and the exchange shuts the
 upstream socket so the backend stops generating.

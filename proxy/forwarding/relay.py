@@ -15,28 +15,21 @@ from flask import Response
 from gunicorn.http.errors import ParseException as MalformedBody
 from loguru import logger
 
-from .config import ServiceConfig
-from .coordinator import PHASE_STOPPING
+from ..config import ServiceConfig
+from ..shared.coordinator import PHASE_STOPPING
 from .disconnect import stop_watching, watch_client
-from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from .lifecycle import ClientLeft
+from ..errors import BodyTooLarge, InvalidRequest, ProxyError, TooManyRequests, UpstreamTimeout, UpstreamUnreachable
+from ..services.lifecycle import ClientLeft
 from .upstream import Exchange, iter_body, response_headers
 
 _LOADING_EVERY = 3.0  # seconds between ": loading" comments to a waiting event stream
 _LOADING = b": loading\n\n"
 
 
-class BodyTooLarge(ProxyError):
-    status, code = 413, "body_too_large"
-
-    def __init__(self, service: ServiceConfig):
-        super().__init__(f"Request body is larger than the {service.max_body_size} bytes service "
-                         f"'{service.id}' accepts", service_id=service.id,
-                         hint=f"services.{service.id}.max_body_size sets the limit")
-
-
-class TooManyRequests(ProxyError):
-    status, code = 429, "too_many_requests"
+def body_too_large(service: ServiceConfig) -> BodyTooLarge:
+    return BodyTooLarge(f"Request body is larger than the {service.max_body_size} bytes service "
+                        f"'{service.id}' accepts", service_id=service.id,
+                        hint=f"services.{service.id}.max_body_size sets the limit")
 
 
 @dataclass
@@ -141,7 +134,7 @@ def _send(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchang
             return None
         raise _upstream_error(service.id, upstream_host, exc) from None
     except MalformedBody as exc:  # gunicorn's reader of a chunked body met bytes that are not chunks
-        raise ProxyError(f"The request body is malformed: {exc}", status=400, code="invalid_body",
+        raise InvalidRequest(f"The request body is malformed: {exc}", code="invalid_body",
                          service_id=service.id) from None
 
 

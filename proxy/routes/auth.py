@@ -19,22 +19,18 @@ import hmac
 
 from flask import Flask, request
 
-from . import admin, forward, frontdoor
-from .config import ServerConfig
-from .errors import ProxyError
+from . import admin, openai, service
+from ..config import ServerConfig
+from ..errors import Unauthorized
 
 _REALM = 'Bearer realm="inference-proxy"'
 
 
-class Unauthorized(ProxyError):
-    """401; answered with a ``WWW-Authenticate: Bearer`` challenge (RFC 6750)."""
-
-    status, code = 401, "unauthorized"
-
-    def __init__(self, message: str, *, presented: bool, **kwargs):
-        # A token that was sent but is wrong gets error="invalid_token"; a missing one none.
-        challenge = f'{_REALM}, error="invalid_token"' if presented else _REALM
-        super().__init__(message, headers={"WWW-Authenticate": challenge}, **kwargs)
+def _refused(message: str, *, presented: bool, **kwargs) -> Unauthorized:
+    """401 with a ``WWW-Authenticate: Bearer`` challenge (RFC 6750): a token that was sent
+    but is wrong gets error="invalid_token", a missing one none."""
+    challenge = f'{_REALM}, error="invalid_token"' if presented else _REALM
+    return Unauthorized(message, headers={"WWW-Authenticate": challenge}, **kwargs)
 
 
 def register_auth(app: Flask, server: ServerConfig) -> None:
@@ -45,7 +41,7 @@ def register_auth(app: Flask, server: ServerConfig) -> None:
         app.before_request_funcs.setdefault(admin.bp.name, []).append(_admin_check(server.admin_token))
     if server.api_keys:
         check = _api_key_check(server.api_keys)
-        for blueprint in (forward.bp, frontdoor.bp):  # every route that reaches a model
+        for blueprint in (service.bp, openai.bp):  # every route that reaches a model
             app.before_request_funcs.setdefault(blueprint.name, []).append(check)
 
 
@@ -55,10 +51,10 @@ def _admin_check(token: str):
     def check_admin_token() -> None:
         presented = _bearer(request.environ.get("HTTP_AUTHORIZATION"))
         if presented is None:
-            raise Unauthorized("The admin API needs 'Authorization: Bearer <token>' (server.admin_token)",
+            raise _refused("The admin API needs 'Authorization: Bearer <token>' (server.admin_token)",
                                presented=False)
         if not hmac.compare_digest(presented, expected):
-            raise Unauthorized("Invalid admin token", presented=True)
+            raise _refused("Invalid admin token", presented=True)
 
     return check_admin_token
 
@@ -78,9 +74,9 @@ def _api_key_check(keys: tuple[str, ...]):
             return  # any Authorization header is the backend's own: it stays
         service_id = (request.view_args or {}).get("service_id")
         if bearer is None and header_key is None:
-            raise Unauthorized("An API key is needed: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
+            raise _refused("An API key is needed: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
                                presented=False, service_id=service_id)
-        raise Unauthorized("Invalid API key", presented=True, service_id=service_id)
+        raise _refused("Invalid API key", presented=True, service_id=service_id)
 
     return check_api_key
 

@@ -3,7 +3,7 @@
 Everything here is on the hot path, so it stays small: pure functions over frozensets for
 headers, one ``requests`` adapter per worker (pooled, keep-alive, never blocking, blind to
 proxy variables in the environment), and a body iterator that hands on every chunk as it
-arrives (DESIGN.md §5).
+arrives.
 """
 from __future__ import annotations
 

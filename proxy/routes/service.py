@@ -6,12 +6,12 @@ from urllib.parse import unquote
 
 from flask import Blueprint, current_app, request
 
-from .config import ServiceConfig
-from .errors import ProxyError, ServiceNotFound
-from .relay import BodyTooLarge, Outgoing, relay
-from .upstream import SizedBody, chunked_body, client_target, request_headers
+from ..config import ServiceConfig
+from ..errors import InvalidRequest, ServiceNotFound
+from ..forwarding.relay import Outgoing, body_too_large, relay
+from ..forwarding.upstream import SizedBody, chunked_body, client_target, request_headers
 
-bp = Blueprint("forward", __name__)
+bp = Blueprint("service", __name__)
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # Forwarded as sent, never redirected by werkzeug: not a path with "//" (merge_slashes), nor
@@ -43,8 +43,8 @@ def upstream_target(environ: dict, service_id: str) -> str:
     path, sep, query = client_target(environ).partition("?")
     segments = path.split("/", 3)  # ["", "service", "<id>", "<rest>"]
     if len(segments) < 3 or unquote(segments[2]) != service_id:
-        raise ProxyError("The request path could not be mapped to the service", status=400,
-                         code="invalid_path", service_id=service_id)
+        raise InvalidRequest("The request path could not be mapped to the service", code="invalid_path",
+                             service_id=service_id)
     rest = "/" + (segments[3] if len(segments) > 3 else "")
     return rest + sep + query
 
@@ -68,7 +68,7 @@ def limit_body(body, service: ServiceConfig):
     else (chunked) when the count goes over while it streams up; raising there makes urllib3
     drop the upstream connection mid-body, and the client still gets the 413."""
     if isinstance(body, (bytes, SizedBody)) and len(body) > service.max_body_size:
-        raise BodyTooLarge(service)
+        raise body_too_large(service)
     if body is None or isinstance(body, (bytes, SizedBody)):
         return body
     return _counted(body, service)
@@ -79,5 +79,5 @@ def _counted(chunks, service: ServiceConfig):
     for chunk in chunks:
         sent += len(chunk)
         if sent > service.max_body_size:
-            raise BodyTooLarge(service)
+            raise body_too_large(service)
         yield chunk

@@ -1,7 +1,7 @@
 """The only module that talks to Docker: create, start, stop and inspect each service's
 container, with labels, GPU device requests and Docker's errors made plain.
 
-State lives in Docker, not in a worker (DESIGN.md §3): a managed container has a
+State lives in Docker, not in a worker: a managed container has a
 deterministic name ``<prefix>-<service id>`` (the name doubles as a lock, so concurrent
 starts make one container) and labels that say it is ours, for which service, under which
 config. A container that holds the name without our labels is never touched.
@@ -22,8 +22,8 @@ import requests
 from docker.types import DeviceRequest
 from loguru import logger
 
-from .config import ServiceConfig
-from .errors import DockerUnavailable, ProxyError
+from ..config import ServiceConfig
+from ..errors import AlreadyRunning, DockerUnavailable, NameConflict, ProxyError, StartFailed, StopFailed
 
 LABEL_MANAGED = "io.inference-proxy.managed"
 LABEL_INSTANCE = "io.inference-proxy.instance"
@@ -37,21 +37,6 @@ _STATE_ACTIONS = frozenset({"create", "start", "restart", "die", "stop", "kill",
 _START_IN_PROGRESS_SECONDS = 60
 _DOCKER_TIMEOUT = 30  # seconds for ordinary API calls; stop adds the service's stop_timeout
 
-
-class AlreadyRunning(ProxyError):
-    status, code = 409, "already_running"
-
-
-class NameConflict(ProxyError):
-    status, code = 409, "name_conflict"
-
-
-class StartFailed(ProxyError):
-    status, code = 500, "start_failed"
-
-
-class StopFailed(ProxyError):
-    status, code = 500, "stop_failed"
 
 
 @dataclass(frozen=True)
