@@ -52,3 +52,12 @@ def on_starting(server):
 
 def on_exit(server):
     logger.info("inference proxy stopped")
+
+
+def worker_exit(server, worker):
+    # End the worker's background loops (the Docker events stream, the heartbeat, the idle
+    # sweep) and its pooled backend connections before it goes.
+    app = getattr(worker, "wsgi", None)
+    runtime = getattr(app, "extensions", {}).get("proxy") if app is not None else None
+    if runtime is not None:
+        runtime.close()

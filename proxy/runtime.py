@@ -2,31 +2,34 @@
 from __future__ import annotations
 
 from .config import Config
-from .services.containers import Containers
-from .shared.coordinator import for_services
-from .services.lifecycle import Lifecycle
-from .services.container_states import ServiceStates
 from .forwarding.upstream import UpstreamPool
+from .services.container_states import ContainerStates
+from .services.engine import Containers
+from .services.idle import IdleSweep
+from .services.lifecycle import Lifecycle
+from .shared.coordinator import for_services
 
 
 class Runtime:
-    """Holds the config, the Docker side, the upstream pool and the on-demand lifecycle of
-    one worker process."""
+    """The config, the Docker side, the upstream pool and the lifecycle owner of one
+    worker process."""
 
     def __init__(self, config: Config, docker_client=None):
         self.config = config
         self.containers = Containers(config.server.container_prefix, client=docker_client)
-        self.states = ServiceStates(self.containers)
+        self.states = ContainerStates(self.containers)
         self.upstream = UpstreamPool()
         # Shared by every worker when gunicorn.conf.py installed it before forking.
         self.coordinator = for_services(list(config.services), list(config.groups))
         self.lifecycle = Lifecycle(config, self.containers, self.states, self.coordinator, self.upstream)
+        self.idle = IdleSweep(self.lifecycle)
 
     def start(self) -> None:
         self.states.start()
-        self.lifecycle.start_idle_loop()
+        self.idle.start()
 
     def close(self) -> None:
-        self.lifecycle.stop_idle_loop()
+        """Stop the background loops and close the pooled connections (a worker exiting)."""
+        self.idle.stop()
         self.states.stop()
         self.upstream.close()

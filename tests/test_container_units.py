@@ -7,7 +7,9 @@ import pytest
 from docker.types import DeviceRequest
 
 from proxy.config import load_config_text
-from proxy.services.containers import Containers, _age_seconds, config_hash, device_requests, hint_for
+from proxy.services.engine.containers import Containers
+from proxy.services.engine.spec import age_seconds as _age_seconds, config_hash, device_requests, hint_for
+from proxy.services.engine.spec import labels as spec_labels
 
 SERVICE = """
 services:
@@ -57,7 +59,7 @@ def test_docker_failures_get_a_plain_hint(docker_message, expected):
 
 def test_labels_mark_the_container_as_ours_for_its_service():
     service = _service()
-    labels = Containers("pfx").labels(service)
+    labels = spec_labels("pfx", service)
     assert labels == {"io.inference-proxy.managed": "true", "io.inference-proxy.instance": "pfx",
                       "io.inference-proxy.service": "llm", "io.inference-proxy.config-hash": config_hash(service)}
     assert Containers("pfx").name("llm") == "pfx-llm"

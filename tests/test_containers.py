@@ -29,10 +29,12 @@ def test_start_status_ready_and_chat_through_the_proxy(engine_proxy, docker_clie
     proxy = engine_proxy()
     answer = api(proxy, "POST", "/service/llm/start")
     assert answer.status_code == 202
-    assert answer.json() == {"message": "Container 'llm' starting", "service_id": "llm", "status": "starting"}
+    body = answer.json()
+    assert (body["message"], body["service_id"], body["state"]) == ("Container 'llm' starting", "llm", "starting")
 
     ready = wait_until(lambda: (s := status(proxy))["ready"] and s, timeout=30, what="the service to be ready")
-    assert ready["status"] == "running" and ready["image"] == TEST_IMAGE and ready["stale"] is False
+    assert ready["status"] == "running" and ready["state"] == "ready" and ready["image"] == TEST_IMAGE
+    assert ready["stale"] is False
     assert ready["container_id"] and ready["started_at"] and ready["exit_code"] is None
 
     client = openai.OpenAI(base_url=f"{proxy.url}/service/llm/v1", api_key="unused", max_retries=0)
@@ -72,7 +74,7 @@ def test_start_with_wait_returns_once_ready(engine_proxy):
     proxy = engine_proxy({"llm": service_entry(free_port(), args=["--host", "0.0.0.0", "--port", "8080",
                                                                     "--load-seconds", "2"])})
     body = start_ready(proxy)
-    assert body["status"] == "ready" and body["ready"] is True
+    assert (body["state"], body["status"], body["ready"]) == ("ready", "running", True)
     assert requests.get(f"{proxy.url}/service/llm/health", timeout=10).status_code == 200
 
 
@@ -86,7 +88,11 @@ def test_wait_reports_a_container_that_exits_while_starting(engine_proxy):
     proxy = engine_proxy({"llm": service_entry(free_port(), args=["--port", "not-a-number"])})
     answer = api(proxy, "POST", "/service/llm/start", params={"wait": "true", "timeout": 30})
     error = error_of(answer, 500, "container_exited")
-    assert error["last_status"]["status"] == "exited" and error["last_status"]["exit_code"] == 2
+    assert error["exit_code"] == 2 and error["oom_killed"] is False
+    assert any("argument --port: invalid int value" in line for line in error["logs"]), error["logs"]
+    assert len(error["logs"]) <= 30
+    reported = status(proxy)
+    assert (reported["state"], reported["reason"], reported["exit_code"]) == ("failed", "container_exited", 2)
 
 
 def test_wait_past_its_deadline_is_504_with_the_last_status(engine_proxy):
@@ -287,14 +293,15 @@ def test_engine_outage_gives_503_keeps_forwarding_and_recovers(engine_proxy, tmp
         relay.stop()
 
         began = time.monotonic()
-        error_of(api(proxy, "GET", "/container/llm"), 503, "docker_unavailable")
-        assert time.monotonic() - began < 2.0
+        last_known = wait_until(lambda: (s := status(proxy))["engine"] == "unreachable" and s, timeout=3,
+                                what="the status to say the engine is unreachable")
+        assert time.monotonic() - began < 3.0
+        assert last_known["state"] == "ready" and last_known["status"] == "running"
         error_of(api(proxy, "POST", "/service/llm/stop"), 503, "docker_unavailable")
         assert requests.get(f"{proxy.url}/service/llm/v1/models", timeout=10).status_code == 200
 
         relay.start()
-        wait_until(lambda: api(proxy, "GET", "/container/llm").status_code == 200, timeout=10,
-                   what="admin calls to work again")
+        wait_until(lambda: status(proxy)["engine"] == "reachable", timeout=10, what="the engine to be back")
         assert api(proxy, "POST", "/service/llm/stop").status_code == 200
         wait_until(lambda: requests.get(f"{proxy.url}/service/llm/v1/models", timeout=10).status_code == 503,
                    timeout=5, what="the stop to be seen through the renewed events stream")
@@ -306,7 +313,7 @@ def test_engine_outage_gives_503_keeps_forwarding_and_recovers(engine_proxy, tmp
 
 def test_gpu_device_requests_reach_the_container_config(docker_client, container_prefix):
     from proxy.config import load_config_text
-    from proxy.services.containers import Containers
+    from proxy.services.engine import Containers
 
     config = load_config_text(f"""
 services:

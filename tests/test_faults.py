@@ -21,41 +21,9 @@ import requests
 
 from conftest import free_port, service_entry, wait_until
 from engine_api import api, error_of, start_ready, status
+from sse import assert_complete, read_sse
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def read_sse(url: str, params: dict, on_first_event=None, timeout: float = 30) -> dict:
-    """Read one event stream to its end; say what arrived and how it ended.
-
-    ``clean_end`` is true only when the HTTP body ended properly (final chunk); a cut
-    connection leaves it false and puts the exception in ``error``.
-    """
-    result = {"status": None, "seqs": [], "done": False, "clean_end": False, "error": None}
-    try:
-        with requests.get(url, params=params, stream=True, timeout=timeout) as response:
-            result["status"] = response.status_code
-            buffer = b""
-            for chunk in response.iter_content(chunk_size=None):
-                buffer += chunk
-                while b"\n\n" in buffer:
-                    event, buffer = buffer.split(b"\n\n", 1)
-                    if event == b"data: [DONE]":
-                        result["done"] = True
-                    elif event.startswith(b"data: "):
-                        result["seqs"].append(json.loads(event[6:])["seq"])
-                        if on_first_event is not None and len(result["seqs"]) == 1:
-                            on_first_event()
-            result["clean_end"] = buffer == b""
-    except requests.RequestException as exc:
-        result["error"] = repr(exc)
-    return result
-
-
-def assert_complete(result: dict, events: int) -> None:
-    assert result["status"] == 200 and result["error"] is None, result
-    assert result["seqs"] == list(range(events)), result
-    assert result["done"] and result["clean_end"], result
 
 
 def worker_pids(proxy) -> set[int]:
@@ -123,6 +91,8 @@ def test_a_crashed_container_is_reported_exited_and_answered_503(engine_proxy, d
         timeout=5, what="the proxy to answer 503 for the dead service")
     error = error_of(answer, 503, "service_not_running", "llm")
     assert "'llm'" in error["message"] and "exited" in error["message"], error
+    assert (error["state"], error["reason"], error["exit_code"]) == ("failed", "container_exited", expected_code)
+    assert any("LISTENING 8080" in line for line in error["logs"]), error["logs"]
     listed = {s["service_id"]: s for s in api(proxy, "GET", "/services").json()["services"]}
     assert listed["llm"]["status"] == "exited" and listed["llm"]["exit_code"] == expected_code
 
@@ -180,6 +150,10 @@ def test_an_oom_killed_container_is_reported_as_such(engine_proxy):
         timeout=5, what="the proxy to answer 503 for the dead service")
     error = error_of(answer, 503, "service_not_running", "llm")
     assert "'llm'" in error["message"]
+    assert (error["state"], error["reason"], error["oom_killed"], error["exit_code"]) == \
+        ("failed", "oom_killed", True, 137), error
+    assert any("LISTENING 8080" in line for line in error["logs"]), error["logs"]  # what the server printed
+    assert status(proxy)["state"] == "failed" and status(proxy)["reason"] == "oom_killed"
 
 
 # -- one service's trouble never reaches another ----------------------------------------------
@@ -260,7 +234,7 @@ def test_a_failing_a_slow_and_a_busy_service_never_hold_up_another(engine_proxy)
         for stream in streams:
             assert_complete(stream.result(), STREAM_EVENTS)
         slow_answer = slow.result()
-        assert slow_answer.status_code == 200 and slow_answer.json()["status"] == "ready", slow_answer.text
+        assert slow_answer.status_code == 200 and slow_answer.json()["state"] == "ready", slow_answer.text
         failed = failing.result()
         assert failed and all(a.status_code == 500 and a.json()["error"]["code"] == "image_unavailable"
                               for a in failed), [a.text for a in failed]

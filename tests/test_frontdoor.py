@@ -195,13 +195,15 @@ def test_models_lists_every_id_and_alias_with_its_service_and_state(synced_proxy
     models = listed()
     assert {name: m["service_id"] for name, m in models.items()} == \
         {"alpha": "alpha", "beta": "beta", "beta-chat:7b": "beta", "org/Beta-7B": "beta"}
-    assert all(m["object"] == "model" and m["state"] == "not found" for m in models.values()), models
+    assert all(m["object"] == "model" and (m["state"], m["status"]) == ("stopped", "not found")
+               for m in models.values()), models
 
     assert content(chat(proxy, "org/Beta-7B")) == tokens(4)  # starts beta
-    wait_until(lambda: listed()["beta-chat:7b"]["state"] == "running", timeout=5, what="beta listed as running")
+    wait_until(lambda: listed()["beta-chat:7b"]["state"] == "ready", timeout=5, what="beta listed as ready")
     models = listed()
-    assert models["beta"]["state"] == models["org/Beta-7B"]["state"] == "running"
-    assert models["alpha"]["state"] == "not found"
+    assert models["beta"]["state"] == models["org/Beta-7B"]["state"] == "ready"
+    assert models["beta"]["status"] == "running"
+    assert models["alpha"]["state"] == "stopped"
 
 
 def test_an_unknown_model_is_404_model_not_found_listing_the_known_ones(synced_proxy, docker_client,
@@ -289,7 +291,7 @@ def test_a_cold_request_before_the_engine_first_answered_starts_the_service(engi
         proxy = engine_proxy({"cold": on_demand()}, docker_host=engine.docker_host, wait=False)
         wait_for_proxy(proxy)  # /healthz pings the engine: that passes
         with requests.get(f"{proxy.url}/v1/models", headers=CLOSE, timeout=10) as listed:
-            assert listed.json()["data"][0]["state"] == "unknown"  # the container list has not come
+            assert listed.json()["data"][0]["status"] == "unknown"  # the container list has not come
         opens.start()
         answer = chat(proxy, "cold", max_tokens=3)
         assert answer.status_code == 200, f"{answer.status_code} {answer.text}"

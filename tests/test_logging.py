@@ -251,7 +251,7 @@ def engine_proxy(docker_client, tmp_path_factory):
                  r"\| ERROR    \| container iptest-[0-9a-f]+-port-taken failed to start: .*address already in use",
                  id="docker-refuses-the-start"),
     pytest.param("bad-args", "?wait=true&timeout=60", 500, "container_exited",
-                 r"\| ERROR    \| service bad-args exited while starting \(exit code 2\)$",
+                 r"\| ERROR    \| starting bad-args failed: Container 'bad-args' exited while starting \(exit code 2\)$",
                  id="container-exits-while-starting"),
     pytest.param("gpus", "", 500, "start_failed",
                  r"\| ERROR    \| container iptest-[0-9a-f]+-gpus failed to start: "

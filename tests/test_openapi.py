@@ -174,10 +174,10 @@ def test_every_lifecycle_answer_keeps_to_the_document(api_proxy):
     status = "/api/v1/container/{service_id}"
     call(stop, "POST", 200)  # whatever the random run left behind
     call(stop, "POST", 200, service_id="slow")
-    assert call(status, "GET", 200)["status"] == "not found"
-    assert call(start, "POST", 202)["status"] == "starting"
+    assert call(status, "GET", 200)["state"] == "stopped"
+    assert call(start, "POST", 202)["state"] == "starting"
     assert call(start, "POST", 409)["error"]["code"] == "already_running"
-    assert call(stop, "POST", 200)["status"] == "stopped"
+    assert call(stop, "POST", 200)["state"] == "stopped"
     assert call(stop, "POST", 200)["status"] == "not found"
     assert call(start, "POST", 200, wait="true", timeout=REQUEST_TIMEOUT)["ready"] is True
     assert call(status, "GET", 200)["ready"] is True
@@ -188,5 +188,5 @@ def test_every_lifecycle_answer_keeps_to_the_document(api_proxy):
     listed = call("/api/v1/services", "GET", 200)["services"]
     assert [(s["service_id"], s["status"], s["ready"]) for s in listed] == [("llm", "not found", None),
                                                                          ("slow", "running", False)]
-    assert call(stop, "POST", 200, service_id="slow")["status"] == "stopped"
+    assert call(stop, "POST", 200, service_id="slow")["state"] == "stopped"
     assert "Traceback" not in api_proxy.log()

@@ -92,7 +92,8 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
 
 
 def _admit(runtime, service: ServiceConfig, exchange: Exchange, deadline: float):
-    """Wait until the service can take the request and it has a slot. None: client left."""
+    """Wait until the service can take the request and it has a slot. None: client left.
+    The place in the queue is given back however the wait ends (the greenlet killed too)."""
     lifecycle, coordinator = runtime.lifecycle, runtime.coordinator
     client_here = lambda: not exchange.client_gone  # noqa: E731
     while True:
@@ -101,23 +102,35 @@ def _admit(runtime, service: ServiceConfig, exchange: Exchange, deadline: float)
         except ClientLeft:
             return None
         admission = coordinator.admit(service.id, service.max_concurrent, service.max_queue)
-        if admission.rejected:
-            raise TooManyRequests(f"Service '{service.id}' has {service.max_concurrent} requests in flight and "
-                                  f"{service.max_queue} waiting", service_id=service.id,
-                                  hint="Retry later", headers={"Retry-After": "1"})
-        if admission.queued:
-            exchange.on_cut = admission.cancel
-            if not admission.wait(deadline):
-                exchange.on_cut = None
-                if exchange.client_gone:
-                    return None
-                raise TooManyRequests(f"Service '{service.id}' had no free slot within {service.start_timeout:g} s",
-                                      service_id=service.id, headers={"Retry-After": "1"})
-            exchange.on_cut = None
+        try:
+            if admission.rejected:
+                raise TooManyRequests(f"Service '{service.id}' has {service.max_concurrent} requests in flight and "
+                                      f"{service.max_queue} waiting", service_id=service.id,
+                                      hint="Retry later", headers={"Retry-After": "1"})
+            if admission.queued and not _wait_in_queue(service, admission, exchange, deadline):
+                admission.release()
+                return None
+        except BaseException:
+            admission.release()
+            raise
         # Counted in flight now; if a stop began meanwhile, step back and wait for it.
         if admission.phase != PHASE_STOPPING or not lifecycle.stopping(service.id):
             return admission
         admission.release()
+
+
+def _wait_in_queue(service: ServiceConfig, admission, exchange: Exchange, deadline: float) -> bool:
+    """Wait for a slot; False when the client left meanwhile."""
+    exchange.on_cut = admission.cancel
+    try:
+        if admission.wait(deadline):
+            return True
+    finally:
+        exchange.on_cut = None
+    if exchange.client_gone:
+        return False
+    raise TooManyRequests(f"Service '{service.id}' had no free slot within {service.start_timeout:g} s",
+                          service_id=service.id, headers={"Retry-After": "1"})
 
 
 def _send(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchange, label: str):
@@ -199,6 +212,7 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
         waiter = gevent.spawn(_admit, runtime, service, exchange, deadline)
         admission = upstream = None
         try:
+            yield _LOADING  # at once: the client sees its request is taken while the model loads
             while not waiter.ready():
                 waiter.join(_LOADING_EVERY)
                 if not waiter.ready():

@@ -1,20 +1,26 @@
-"""The ``/api/v1`` blueprint: start, stop and report the services' containers."""
+"""The ``/api/v1`` blueprint: start, stop and report the services. Thin: every start and
+stop is the lifecycle owner's; every status comes from what the workers already know (no
+Docker call, so a hung engine cannot hold an answer up)."""
 from __future__ import annotations
 
+import gevent
 import gevent.pool
 from flask import Blueprint, current_app, jsonify, request
 from loguru import logger
 
 from ..config import ServiceConfig
-from ..services.containers import ContainerInfo, config_hash
-from ..errors import InvalidRequest, ProxyError, ServiceNotFound
+from ..errors import InvalidRequest, ServiceNotFound, StartTimeout
+from ..services.engine import config_hash
+from ..services.states import READY
 from .openapi import document
-from ..services.readiness import probe, wait_ready
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1")
 
 _DEFAULT_WAIT_SECONDS = 300.0
 _MAX_WAIT_SECONDS = 3600.0
+_ACCEPT_WAIT = 2.5  # seconds a start without wait may take to be under way before the answer
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_ENGINE_WORDS = {True: "reachable", False: "unreachable", None: "unknown"}  # None: not asked yet
 
 
 def _runtime():
@@ -28,15 +34,17 @@ def _service(service_id: str) -> ServiceConfig:
     return service
 
 
-def _report(runtime, service: ServiceConfig, info: ContainerInfo, ready: bool | None = None) -> dict:
-    """The status fields every admin answer shares; ``stale``: made from another config."""
-    if ready is None and info.running:
-        ready = probe(runtime.upstream, service)
+def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
+    """The status fields every admin answer shares."""
+    status = runtime.lifecycle.status(service, probe_health=probe_health)
+    info = status.container
     stale = None if info.config_hash is None else info.config_hash != config_hash(service)
     return {
         "service_id": service.id,
+        "state": status.state,
+        "reason": status.reason,
         "status": info.status,
-        "ready": ready if info.running else None,
+        "ready": (status.state == READY) if info.running else None,
         "container_id": info.container_id,
         "image": info.image,
         "started_at": info.started_at,
@@ -44,6 +52,9 @@ def _report(runtime, service: ServiceConfig, info: ContainerInfo, ready: bool | 
         "oom_killed": info.oom_killed,
         "port": service.port,
         "stale": stale,
+        "in_flight": runtime.coordinator.in_flight(service.id),
+        "queued": runtime.coordinator.waiting(service.id),
+        "engine": _ENGINE_WORDS[runtime.states.engine_reachable],
     }
 
 
@@ -53,33 +64,33 @@ def start_service(service_id: str):
     wait, timeout = _wait_arguments()
     runtime = _runtime()
     logger.info("start {} requested{}", service_id, f" (waiting up to {timeout:g} s)" if wait else "")
-    info = runtime.containers.start(service)
-    runtime.states.update(info)
+    job = runtime.lifecycle.start(service)
     if not wait:
-        return jsonify(message=f"Container '{service_id}' starting", service_id=service_id, status="starting"), 202
+        gevent.wait([job.accepted, job.result], timeout=_ACCEPT_WAIT, count=1)
+        if job.result.ready() and not job.result.successful():
+            raise job.result.exception
+        if not job.accepted.is_set():
+            runtime.lifecycle.check_engine(service)  # the heartbeat may have found it hung meanwhile
+        return jsonify(message=f"Container '{service_id}' starting", **report(runtime, service, False)), 202
+    try:
+        job.result.get(timeout=timeout)
+    except gevent.Timeout:
+        logger.warning("service {} not ready after {:g} s", service_id, timeout)
+        raise StartTimeout(f"Container '{service_id}' was not ready within {timeout:g} s", service_id=service_id,
+                           hint="It may still be loading; check GET /api/v1/container/" + service_id,
+                           extra={"last_status": report(runtime, service, False)}) from None
+    return jsonify(message=f"Container '{service_id}' is ready", **report(runtime, service)), 200
 
-    outcome, info = wait_ready(runtime.upstream, service, lambda: runtime.containers.inspect(service), timeout)
-    report = _report(runtime, service, info, ready=outcome == "ready")
-    if outcome == "ready":
-        logger.info("service {} is ready", service_id)
-        return jsonify(message=f"Container '{service_id}' is ready", **{**report, "status": "ready"}), 200
-    if outcome == "exited":
-        logger.error("service {} exited while starting (exit code {})", service_id, info.exit_code)
-        raise ProxyError(f"Container '{service_id}' exited while starting (exit code {info.exit_code})",
-                         status=500, code="container_exited", service_id=service_id,
-                         hint=f"See its output with: docker logs {runtime.containers.name(service_id)}",
-                         extra={"last_status": report})
-    logger.warning("service {} not ready after {:g} s", service_id, timeout)
-    raise ProxyError(f"Container '{service_id}' was not ready within {timeout:g} s", status=504,
-                     code="start_timeout", service_id=service_id,
-                     hint="It may still be loading; check GET /api/v1/container/" + service_id,
-                     extra={"last_status": report})
+
+def _flag(name: str, default: bool) -> bool:
+    text = request.args.get(name, "true" if default else "false").lower()
+    if text not in _TRUE + _FALSE:
+        raise InvalidRequest(f"Query parameter '{name}' must be true or false", code="invalid_parameter")
+    return text in _TRUE
 
 
 def _wait_arguments() -> tuple[bool, float]:
-    wait_text = request.args.get("wait", "false").lower()
-    if wait_text not in ("true", "false", "1", "0", "yes", "no"):
-        raise InvalidRequest("Query parameter 'wait' must be true or false", code="invalid_parameter")
+    wait = _flag("wait", False)
     try:
         timeout = float(request.args.get("timeout", _DEFAULT_WAIT_SECONDS))
     except ValueError:
@@ -87,38 +98,34 @@ def _wait_arguments() -> tuple[bool, float]:
     if not 0 < timeout <= _MAX_WAIT_SECONDS:
         raise InvalidRequest(f"Query parameter 'timeout' must be a number of seconds in (0, {_MAX_WAIT_SECONDS:g}]",
                              code="invalid_parameter")
-    return wait_text in ("true", "1", "yes"), timeout
+    return wait, timeout
 
 
 @bp.post("/service/<service_id>/stop")
 def stop_service(service_id: str):
     service = _service(service_id)
+    drain = _flag("drain", True)
     runtime = _runtime()
-    logger.info("stop {} requested", service_id)
-    info, exit_code = runtime.containers.stop(service)
-    if exit_code is None and not info.running:
-        return jsonify(message=f"Container '{service_id}' is not running", service_id=service_id,
-                       status=info.status), 200
-    runtime.states.update(ContainerInfo(service_id=service_id, status="not found"))
-    return jsonify(message=f"Container '{service_id}' stopped", service_id=service_id, status="stopped",
-                   exit_code=exit_code), 200
+    runtime.lifecycle.check_engine(service)
+    logger.info("stop {} requested{}", service_id, "" if drain else " (no drain)")
+    outcome = runtime.lifecycle.stop(service, drain=drain)
+    if not outcome.stopped:
+        return jsonify(message=f"Container '{service_id}' is not running", **report(runtime, service, False)), 200
+    answer = {**report(runtime, service, False), "exit_code": outcome.exit_code}  # the stopped container's
+    return jsonify(message=f"Container '{service_id}' stopped", **answer, drained=outcome.drained, cut=outcome.cut), 200
 
 
 @bp.get("/container/<service_id>")
 def container_status(service_id: str):
-    service = _service(service_id)
-    runtime = _runtime()
-    return jsonify(_report(runtime, service, runtime.containers.inspect(service)))
+    return jsonify(report(_runtime(), _service(service_id)))
 
 
 @bp.get("/services")
 def list_services():
     runtime = _runtime()
-    found = runtime.containers.list_managed()
     services = list(runtime.config.services.values())
-    infos = [found.get(s.id, ContainerInfo(service_id=s.id, status="not found")) for s in services]
     # Health probes run side by side so one slow service does not hold up the list.
-    reports = gevent.pool.Pool(16).map(lambda pair: _report(runtime, *pair), zip(services, infos)) if services else []
+    reports = gevent.pool.Pool(16).map(lambda service: report(runtime, service), services) if services else []
     return jsonify(services=reports)
 
 

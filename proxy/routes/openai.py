@@ -30,10 +30,14 @@ def _invalid(message: str, code: str = "invalid_request") -> InvalidRequest:
 def list_models():
     runtime = current_app.extensions["proxy"]
     data = []
+    states = {}
     for name, service in runtime.config.models():
-        state = runtime.states.state(service.id)
+        if service.id not in states:
+            states[service.id] = runtime.lifecycle.status(service, probe_health=False)
+        status = states[service.id]
         data.append({"id": name, "object": "model", "created": 0, "owned_by": "inference-proxy",
-                     "service_id": service.id, "state": state.status, "autostart": service.autostart})
+                     "service_id": service.id, "state": status.state, "status": status.container.status,
+                     "autostart": service.autostart})
     return jsonify(object="list", data=data)
 
 

@@ -1,8 +1,8 @@
 """The admin API's OpenAPI 3 document, served at ``GET /api/v1/openapi.json``.
 
 Written by hand as a plain dict (no runtime dependency) and kept next to what the routes
-really answer: ``proxy/admin.py`` for the bodies, ``proxy/containers.py`` and
-``proxy/errors.py`` for every error status and its ``error.code``. Each error response
+really answer: ``admin.py`` for the bodies, ``proxy/errors.py`` for every error status and
+its ``error.code`` (a start's failures are listed from there). Each error response
 lists the exact codes it can carry, so a test that validates real answers against this
 document (tests/test_openapi.py, with schemathesis) notices a route, status or code that
 drifted from it.
@@ -16,7 +16,8 @@ from typing import Iterable
 
 from .. import __version__
 from ..config import SERVICE_ID
-from ..errors import ERROR_TYPES
+from ..errors import ERROR_TYPES, START_FAILURES
+from ..services.states import REASONS, STATES
 
 _SERVICE_ID_PATTERN = f"^{SERVICE_ID.pattern}$"  # the config's rule for service ids
 
@@ -27,15 +28,21 @@ def _nullable(schema: dict, description: str) -> dict:
 
 CONTAINER_STATUS = {
     "type": "object",
-    "description": "What Docker says about one service's container.",
-    "required": ["service_id", "status", "ready", "container_id", "image", "started_at", "exit_code",
-                 "oom_killed", "port", "stale"],
+    "description": "One service's lifecycle state, and what Docker says about its container.",
+    "required": ["service_id", "state", "reason", "status", "ready", "container_id", "image", "started_at",
+                 "exit_code", "oom_killed", "port", "stale", "in_flight", "queued", "engine"],
     "properties": {
         "service_id": {"type": "string"},
+        "state": {"type": "string", "enum": list(STATES),
+                  "description": "The lifecycle state, the same from every worker: stopped, starting (being "
+                                 "created, or running but health_path not yet 200), ready, stopping (draining "
+                                 "or stopping), failed (the last start failed, or the container exited "
+                                 "without being asked to)."},
+        "reason": _nullable({"type": "string", "enum": list(REASONS)}, "Why it is failed; null otherwise."),
         "status": {"type": "string",
                    "description": "Docker's status (running, exited, created, restarting, paused, removing, "
-                                  "dead), or 'not found' when there is no container of this proxy; "
-                                  "'ready' in the answer to a start that waited."},
+                                  "dead), 'not found' when there is no container of this proxy, or 'unknown' "
+                                  "before the engine first answered."},
         "ready": _nullable({"type": "boolean"}, "Whether health_path answers 200; null when not running."),
         "container_id": _nullable({"type": "string"}, "Docker's full container id; null when not found."),
         "image": _nullable({"type": "string"}, "The image the container was made from."),
@@ -49,6 +56,11 @@ CONTAINER_STATUS = {
         "stale": _nullable({"type": "boolean"},
                            "True when the container was made from another service config than the "
                            "current one (restart it to apply the change); null when not found."),
+        "in_flight": {"type": "integer", "minimum": 0, "description": "Requests in flight, all workers."},
+        "queued": {"type": "integer", "minimum": 0, "description": "Requests waiting for a slot, all workers."},
+        "engine": {"type": "string", "enum": ["reachable", "unreachable", "unknown"],
+                   "description": "unreachable: the Docker engine does not answer, and the rest is the last "
+                                  "known; unknown: not asked yet (the proxy has just started)."},
     },
 }
 
@@ -68,7 +80,12 @@ ERROR = {
                 "source": {"type": "string", "enum": ["proxy"]},
                 "hint": {"type": "string", "description": "A plain next step."},
                 "last_status": {"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}],
-                                "description": "container_exited and start_timeout: the last status seen."},
+                                "description": "start_timeout of a start that waited: the last status seen."},
+                "exit_code": _nullable({"type": "integer"}, "container_exited, oom_killed, start_timeout: "
+                                                             "the container's exit code."),
+                "oom_killed": {"type": "boolean", "description": "Whether the kernel killed it for memory."},
+                "logs": {"type": "array", "items": {"type": "string"},
+                         "description": "The container's last 30 log lines, secrets masked."},
             },
         },
     },
@@ -92,17 +109,18 @@ def _error(status: int, codes: dict[str, str]) -> dict:
 _UNKNOWN_SERVICE = _error(404, {"service_not_found": "no such service in the config",
                                 "not_found": "the id holds a '/', so no route matches"})
 _DOCKER_DOWN = _error(503, {"docker_unavailable": "the Docker engine cannot be reached (forwarding goes on)"})
-_START_FAILURES = {
-    "start_failed": "Docker refused (port taken, GPU runtime missing, ...); the message is Docker's",
-    "image_unavailable": "the image is not present and could not be pulled",
-    "volume_missing": "a bind-mount source does not exist (checked before creating)",
-    "container_exited": "wait=true and the container exited while starting",
-}
+_START_FAILURES = {code: when for code, (status, when) in START_FAILURES.items() if status == 500}
 
 SERVICE_ID = {
     "name": "service_id", "in": "path", "required": True,
     "description": "A service id from the config.",
     "schema": {"type": "string", "pattern": _SERVICE_ID_PATTERN},
+}
+
+DRAIN = {
+    "name": "drain", "in": "query", "required": False,
+    "description": "Let requests in flight finish first (up to drain_timeout); false stops at once.",
+    "schema": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"], "default": "true"},
 }
 
 WAIT = {
@@ -116,9 +134,6 @@ TIMEOUT = {
     "description": "With wait=true: seconds to wait for ready before answering 504.",
     "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 3600, "default": 300},
 }
-
-MESSAGE = {"message": {"type": "string"}, "service_id": {"type": "string"}}
-
 
 def _paths() -> dict:
     return {
@@ -162,33 +177,36 @@ def _paths() -> dict:
             "responses": {
                 "200": _json({"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}, {
                     "type": "object", "required": ["message"],
-                    "properties": {"message": {"type": "string"}, "status": {"type": "string", "enum": ["ready"]},
-                                   "ready": {"type": "boolean", "nullable": True}}}]},
+                    "properties": {"message": {"type": "string"}, "state": {"type": "string", "enum": ["ready"]}}}]},
                     "wait=true: the container runs and health_path answers 200."),
-                "202": _json({"type": "object", "required": ["message", "service_id", "status"],
-                              "properties": {**MESSAGE, "status": {"type": "string", "enum": ["starting"]}}},
-                             "Started; not waited for."),
+                "202": _json({"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}, {
+                    "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}]},
+                    "Under way (creating, or waiting for a swap's drain or a stop); not waited for."),
                 "400": _error(400, {"invalid_parameter": "bad wait or timeout"}),
                 "404": _UNKNOWN_SERVICE,
                 "409": _error(409, {"already_running": "already running or being started",
                                     "name_conflict": "a container not made by this proxy holds the name"}),
                 "500": _error(500, _START_FAILURES),
                 "503": _DOCKER_DOWN,
-                "504": _error(504, {"start_timeout": "wait=true and not ready in time; see error.last_status"}),
+                "504": _error(504, {"start_timeout": "not ready in time (the wait's timeout, or the service's "
+                                                     "start_timeout); see error.last_status"}),
             },
         }},
         "/api/v1/service/{service_id}/stop": {"post": {
             "operationId": "stopService", "tags": ["admin"],
-            "summary": "Stop (SIGTERM, then SIGKILL after stop_timeout) and remove the service's container",
-            "parameters": [SERVICE_ID],
+            "summary": "Drain (up to drain_timeout), then stop (SIGTERM, then SIGKILL after stop_timeout) and "
+                       "remove the service's container",
+            "parameters": [SERVICE_ID, DRAIN],
             "responses": {
-                "200": _json({"type": "object", "required": ["message", "service_id", "status"], "properties": {
-                    **MESSAGE,
-                    "status": {"type": "string",
-                               "description": "'stopped', or the status it had when it was not running "
-                                              "('not found', 'exited', ...)."},
-                    "exit_code": _nullable({"type": "integer"}, "Present when it was stopped: its exit code."),
-                }}, "Stopped and removed, or it was not running."),
+                "200": _json({"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}, {
+                    "type": "object", "required": ["message"], "properties": {
+                        "message": {"type": "string"},
+                        "drained": {"type": "integer", "minimum": 0,
+                                    "description": "Requests in flight that finished before the stop."},
+                        "cut": {"type": "integer", "minimum": 0,
+                                "description": "Requests still in flight when the container was stopped."},
+                    }}]}, "Stopped and removed (exit_code is the stopped container's), or it was not running."),
+                "400": _error(400, {"invalid_parameter": "bad drain"}),
                 "404": _UNKNOWN_SERVICE,
                 "500": _error(500, {"stop_failed": "Docker refused to stop or remove it"}),
                 "503": _DOCKER_DOWN,

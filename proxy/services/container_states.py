@@ -1,70 +1,74 @@
-"""Which services' containers run, kept fresh from Docker's events stream.
+"""Which services' containers exist and run, kept fresh from Docker's events stream.
 
-The forwarding hot path asks ``ServiceStates.state(id)``: a dict lookup, no Docker call.
+The forwarding hot path asks ``ContainerStates.get(id)``: a dict lookup, no Docker call.
 One background loop per worker lists our containers once, then follows Docker's events
 for them, so a change made by anyone (the admin API in any worker, the docker CLI, a
-crash) is seen within milliseconds. If the engine goes away the last known states are
-kept (running containers stay reachable) and the loop reconnects by itself.
+crash) is seen within milliseconds. A second loop pings the engine every second with a
+short deadline: an engine that hangs rather than refuses (a stuck containerd) is found
+within about two seconds, so admin calls can answer at once instead of waiting on it.
+While the engine is away the last known states are kept (running containers stay
+reachable); when it answers again the events stream is opened afresh and the states
+listed again, by themselves.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 from loguru import logger
 
-from .containers import ContainerInfo, Containers
+from ..errors import DockerUnavailable
+from .engine import ContainerInfo, Containers
 
 _RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds; then every 2 s until the engine is back
+_PING_EVERY = 1.0      # seconds between heartbeats
+_PING_TIMEOUT = 1.5    # an engine that has not answered a ping by then counts as hung
+_UNKNOWN = "unknown"   # the status before the engine first answered
 
 
-@dataclass(frozen=True)
-class ServiceState:
-    status: str  # a Docker status, "not found", or "unknown" before the engine answered
-    container: ContainerInfo | None = None
-
-    @property
-    def forwardable(self) -> bool:
-        # With no word from Docker yet, try the backend rather than refuse: it may run.
-        return self.status in ("running", "unknown")
-
-
-_UNKNOWN = ServiceState("unknown")
-_NOT_FOUND = ServiceState("not found")
-
-
-class ServiceStates:
-    """Per-process view of our containers' states, fed by Docker events."""
+class ContainerStates:
+    """Per-process view of our containers, fed by Docker events."""
 
     def __init__(self, containers: Containers):
         self._containers = containers
-        self._states: dict[str, ServiceState] = {}
+        self._infos: dict[str, ContainerInfo] = {}
         self._synced = False
         self.engine_reachable: bool | None = None  # None until the first attempt
         self._stopping = threading.Event()
         self._close_stream = None
+        self._stream_generation = 0  # bumped when the heartbeat asks for a fresh stream
 
-    def state(self, service_id: str) -> ServiceState:
-        found = self._states.get(service_id)
+    def get(self, service_id: str) -> ContainerInfo:
+        """The last known info; status "not found", or "unknown" before the engine answered."""
+        found = self._infos.get(service_id)
         if found is not None:
             return found
-        return _NOT_FOUND if self._synced else _UNKNOWN
+        return ContainerInfo(service_id=service_id, status="not found" if self._synced else _UNKNOWN)
 
     def update(self, info: ContainerInfo) -> None:
         """Record what an action of ours just saw, ahead of its event."""
-        self._states[info.service_id] = ServiceState(info.status, info)
+        if info.status == "not found":
+            self._infos.pop(info.service_id, None)
+        else:
+            self._infos[info.service_id] = info
 
     def start(self) -> None:
-        # threading is gevent's under gunicorn's worker: this is then a greenlet.
+        # threading is gevent's under gunicorn's worker: these are then greenlets.
         threading.Thread(target=self._run, name="docker-events", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="docker-heartbeat", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._close_stream is not None:
+        self._close()
+
+    def _close(self) -> None:
+        close, self._close_stream = self._close_stream, None
+        if close is not None:
             try:
-                self._close_stream()
-            except Exception:  # noqa: BLE001 - closing a dead stream may fail any way it likes
+                close()
+            except (OSError, ValueError, AttributeError):  # a dead stream may fail to close any way
                 pass
+
+    # -- the events stream ----------------------------------------------------------------
 
     def _run(self) -> None:
         failures = 0
@@ -72,20 +76,23 @@ class ServiceStates:
             try:
                 self._follow()
                 failures = 0
-            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any engine hiccup
-                self._lost(exc)
+            except DockerUnavailable as exc:
+                self._lost(exc.message)
+                failures += 1
+            except Exception as exc:  # noqa: BLE001 - this loop must outlive anything one event does
+                logger.exception("following Docker events failed; starting again")
+                self._lost(str(exc))
                 failures += 1
             self._stopping.wait(_RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)])
 
     def _follow(self) -> None:
         # Subscribe first, then list: a change between the two shows up as an event.
         event_ids, self._close_stream = self._containers.events()
-        self._states = {sid: ServiceState(info.status, info)
-                        for sid, info in self._containers.list_managed().items()}
+        self._infos = dict(self._containers.list_managed())
         self._synced = True
         if self.engine_reachable is not True:
             logger.info("Docker engine reachable; following container events ({} managed containers)",
-                        len(self._states))
+                        len(self._infos))
         self.engine_reachable = True
         for container_id in event_ids:
             if self._stopping.is_set():
@@ -95,16 +102,26 @@ class ServiceStates:
     def _refresh(self, container_id: str) -> None:
         info = self._containers.inspect_id(container_id)
         if info is not None:
-            self._states[info.service_id] = ServiceState(info.status, info)
+            self._infos[info.service_id] = info
             return
-        for service_id, state in list(self._states.items()):  # destroyed: forget it
-            if state.container and state.container.container_id == container_id:
-                del self._states[service_id]
+        for service_id, known in list(self._infos.items()):  # destroyed: forget it
+            if known.container_id == container_id:
+                del self._infos[service_id]
 
-    def _lost(self, exc: Exception) -> None:
+    def _lost(self, why: str) -> None:
         if self._stopping.is_set():
             return
         if self.engine_reachable is not False:
-            logger.warning("Docker engine not reachable ({}); keeping the last known states and retrying",
-                           exc)
+            logger.warning("Docker engine not reachable ({}); keeping the last known states and retrying", why)
         self.engine_reachable = False
+
+    # -- the heartbeat ----------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.wait(_PING_EVERY):
+            answered = self._containers.ping(timeout=_PING_TIMEOUT)
+            if not answered and self.engine_reachable is not False:
+                self._lost("no answer to a ping")
+                self._close()  # the stream of a hung engine may never end by itself
+            elif answered and self.engine_reachable is False:
+                self._close()  # back: make the events loop open a fresh stream and list again

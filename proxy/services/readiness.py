@@ -7,7 +7,7 @@ from typing import Callable
 import requests
 
 from ..config import ServiceConfig
-from .containers import ContainerInfo
+from .engine import ContainerInfo
 from ..forwarding.upstream import UpstreamPool
 
 _PROBE_TIMEOUT = (1.0, 2.0)  # connect, read: a health answer is quick or it is not ready
@@ -27,15 +27,18 @@ def probe(pool: UpstreamPool, service: ServiceConfig) -> bool:
 
 
 def wait_ready(pool: UpstreamPool, service: ServiceConfig, inspect: Callable[[], ContainerInfo],
-               timeout: float) -> tuple[str, ContainerInfo]:
-    """Poll until the service is ready, its container stops, or the deadline passes.
+               timeout: float, abort: Callable[[], bool] = lambda: False) -> tuple[str, ContainerInfo]:
+    """Poll until the service is ready, its container stops, the deadline passes, or
+    ``abort`` says to give up (the service is being stopped meanwhile).
 
     Returns:
-        ("ready" | "exited" | "timeout", the container's last info).
+        ("ready" | "exited" | "timeout" | "aborted", the container's last info).
     """
     deadline = time.monotonic() + timeout
     info = inspect()
     while True:
+        if abort():
+            return "aborted", info
         if probe(pool, service):
             return "ready", info
         info = inspect()

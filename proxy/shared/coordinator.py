@@ -61,6 +61,7 @@ _LOCK_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
 # phases are plain ints; these are the ones the proxy uses
 PHASE_NONE = 0
 PHASE_STOPPING = 1
+PHASE_STARTING = 2
 
 class CoordinatorFull(RuntimeError):
     """More live processes use the coordinator than it has rows (``max_workers``)."""
@@ -121,14 +122,17 @@ class Coordinator:
         self._phase = self._tickets + services
         self._phase_pid = self._phase + services
         self._phase_birth = self._phase_pid + services
-        self._group = self._phase_birth + services  # pid, birth, token per group
+        self._ready = self._phase_birth + services  # token of the container that answered healthy
+        self._failure = self._ready + services  # why the last start failed (a code, 0: it did not)
+        self._group = self._failure + services  # pid, birth, token per group
         ints = self._group + 3 * groups
         # float64 layout
         self._activity = 0  # time.time() per service
         self._phase_since = services  # time.monotonic() per service
         self._group_since = 2 * services  # time.monotonic() per group
         self._last_reap = 2 * services + groups
-        floats = self._last_reap + 1
+        self._failed_at = self._last_reap + 1  # time.time() of the last failure per service
+        floats = self._failed_at + services
 
         size = 8 * (ints + floats)
         self._file = _shared_file(size)
@@ -313,6 +317,29 @@ class Coordinator:
         phase, pid, birth = ints[self._phase + s], ints[self._phase_pid + s], ints[self._phase_birth + s]
         since = self._float[self._phase_since + s]
         return PhaseInfo(phase, pid, since, bool(pid) and alive(pid, birth, self._verified))
+
+    # -- what every worker must know of a service beyond Docker's word ----------------------
+
+    def ready_token(self, service_id: str) -> int:
+        """The token ``set_ready`` stored: whose container answered its health check."""
+        return self._int[self._ready + self._services[service_id]]
+
+    def set_ready(self, service_id: str, token: int) -> None:
+        self._int[self._ready + self._services[service_id]] = token  # one aligned store: atomic
+
+    def failure(self, service_id: str) -> tuple[int, float]:
+        """(code, time.time()) of the last failed start; code 0 when the last start did not fail."""
+        s = self._services[service_id]
+        return self._int[self._failure + s], self._float[self._failed_at + s]
+
+    def set_failure(self, service_id: str, code: int) -> None:
+        s = self._services[service_id]
+        self._lock()
+        try:
+            self._float[self._failed_at + s] = time.time()
+            self._int[self._failure + s] = code
+        finally:
+            self._unlock()
 
     # -- group swap locks --------------------------------------------------------------------
 
