@@ -2,8 +2,11 @@
 
 The config is checked here, in the master, before any worker forks: a bad config ends
 start-up with exit status 1 and its messages, instead of gunicorn looping on workers that
-fail to boot. Settings: gevent workers, no preload, a long graceful timeout for in-flight
-streams, the control socket off.
+fail to boot. gunicorn runs this file again on SIGHUP: a config that has become invalid
+by then is logged and the previous one kept, since exiting would cut every stream. Workers
+serve the config accepted here, never the file itself (``proxy.config.accepted``).
+Settings: gevent workers, no preload, a long graceful timeout for in-flight streams, the
+control socket off.
 """
 import os
 import sys
@@ -11,21 +14,30 @@ import sys
 from loguru import logger
 
 from proxy.config import ConfigError, config_path, load_config
+from proxy.config.accepted import accept, accepted
 from proxy.shared.coordinator import ensure_installed
 from proxy.log import GunicornLogger, setup_logging
 
 _path = config_path()
+_previous = accepted()  # set when this file already ran in this master: this is a reload
 try:
     _config = load_config(_path)
 except ConfigError as _error:
-    setup_logging("INFO")
-    logger.error("configuration rejected: {}", _path)
-    print(_error, file=sys.stderr)
-    sys.exit(1)
-
-setup_logging(_config.server.log_level)
-logger.info("configuration loaded from {}: {} service(s)", _path, len(_config.services))
-os.environ["PROXY_CONFIG"] = os.path.abspath(_path)  # workers read the very same file
+    if _previous is None:  # the first start: nothing to serve yet
+        setup_logging("INFO")
+        logger.error("configuration rejected: {}", _path)
+        print(_error, file=sys.stderr)
+        sys.exit(1)
+    logger.error("configuration rejected on reload, the previous one stays in force: {}", _path)
+    for _problem in _error.errors:
+        logger.error("{}", _problem)
+    _config = _previous
+else:
+    setup_logging(_config.server.log_level)
+    logger.info("configuration {} from {}: {} service(s)", "reloaded" if _previous else "loaded", _path,
+                len(_config.services))
+accept(_config)  # what the workers forked from now on serve
+os.environ["PROXY_CONFIG"] = os.path.abspath(_path)  # a reload reads the same file
 
 _host = _config.server.host
 bind = [f"[{_host}]:{_config.server.port}" if ":" in _host else f"{_host}:{_config.server.port}"]

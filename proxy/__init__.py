@@ -12,8 +12,9 @@ def create_app(config=None, docker_client=None):
     """Build the WSGI app.
 
     Args:
-        config: a ``proxy.config.Config``; loaded from ``--config``/``PROXY_CONFIG``/
-            ``./config.yaml`` when None.
+        config: a ``proxy.config.Config``. When None: the one the gunicorn master accepted
+            (``proxy.config.accepted``), else loaded from ``--config``/``PROXY_CONFIG``/
+            ``./config.yaml``.
         docker_client: a ``docker.DockerClient`` to use instead of one made from the
             environment (tests inject one; it is never made at import).
 
@@ -23,13 +24,14 @@ def create_app(config=None, docker_client=None):
     from flask import Flask
 
     from .config import config_path, load_config
+    from .config.accepted import accepted
     from .errors import register_error_handlers
     from .log import register_request_log, setup_logging
     from .routes import register_routes
     from .runtime import Runtime
 
     if config is None:
-        config = load_config(config_path())
+        config = accepted() or load_config(config_path())
     setup_logging(config.server.log_level)
 
     app = Flask(__name__)

@@ -22,6 +22,7 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     502: "bad_gateway",
@@ -106,6 +107,22 @@ class TooManyRequests(ProxyError):
 
 class Unauthorized(ProxyError):
     status, code = 401, "unauthorized"
+
+
+class HostNotAllowed(ProxyError):
+    """400: the Host header names no host of ``server.allowed_hosts`` (DNS rebinding)."""
+
+    status, code = 400, "host_not_allowed"
+
+
+class OriginNotAllowed(ProxyError):
+    """403: a browser page of an origin not in ``server.cors_origins`` (cross-site request)."""
+
+    status, code = 403, "origin_not_allowed"
+
+
+class UnsupportedMediaType(ProxyError):
+    status, code = 415, "unsupported_media_type"
 
 
 class UpstreamUnreachable(ProxyError):

@@ -25,6 +25,8 @@ TEST_IMAGE = "inference-proxy-test-backend:latest"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 NO_ENGINE = "unix:///nonexistent/docker.sock"  # DOCKER_HOST for a proxy that must not see an engine
 
+pytest_plugins = ["browser"]  # a real headless browser and a page server (tests/browser.py)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -152,8 +154,9 @@ class _ProxyLauncher:
 
     def __call__(self, services: dict, *, workers: int = 1, docker_host: str | None = NO_ENGINE,
                  prefix: str | None = None, log_level: str = "DEBUG", env: dict | None = None,
-                 wait: bool = True, server_extra: dict | None = None, groups: dict | None = None) -> Proxy:
-        port = free_port()
+                 wait: bool = True, server_extra: dict | None = None, groups: dict | None = None,
+                 port: int | None = None) -> Proxy:
+        port = port or free_port()
         config = {"server": {"host": "127.0.0.1", "port": port, "log_level": log_level}, "services": services}
         if prefix:
             config["server"]["container_prefix"] = prefix

@@ -225,7 +225,7 @@ def test_a_huge_announced_length_is_refused_before_the_body_is_sent(guarded):
     """The answer comes from the headers alone: nothing is read or buffered first."""
     proxy, _ = guarded
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(f"POST /service/llm/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        sock.sendall(f"POST /service/llm/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS[0]}\r\n"
                      f"Content-Length: {50 * 1024 ** 3}\r\n\r\n".encode())
         response = http.client.HTTPResponse(sock)
         response.begin()
@@ -247,7 +247,7 @@ def test_a_chunked_body_over_the_limit_is_cut_and_413(guarded):
     chunky = backends["chunky"]
     wait_until(lambda: chunky.stats()["connections_open"] == 1, what="no idle upstream connection")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(f"POST /service/chunky/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[1]}\r\n"
+        sock.sendall(f"POST /service/chunky/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS[1]}\r\n"
                      f"Transfer-Encoding: chunked\r\n\r\n".encode())
         # The client keeps sending (no final chunk): the proxy reads the upload in blocks of
         # 64 KiB, so it sees the limit passed within one block of it.

@@ -40,7 +40,10 @@ def decoy():
 def shared(module_launchers, decoy):
     start_backend, start_proxy = module_launchers
     backend = start_backend()
-    proxy = start_proxy({"llm": service_entry(backend.port, timeouts={"connect": 2, "read": 5})})
+    # Every Host let in, so the Host tricks below reach the forwarder, which must never use
+    # Host to pick a target (the Host check itself: test_hosts_and_origins.py).
+    proxy = start_proxy({"llm": service_entry(backend.port, timeouts={"connect": 2, "read": 5})},
+                        server_extra={"allowed_hosts": ["*"]})
     return proxy, backend
 
 

@@ -354,7 +354,7 @@ def test_client_leaving_closes_the_container_upstream(engine_proxy):
     start_ready(proxy)
     test_id = uuid.uuid4().hex
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    sock.sendall(f"GET /service/llm/stream?events=1000&delay=0.2 HTTP/1.1\r\nHost: x\r\nX-Test-Id: {test_id}\r\n\r\n"
+    sock.sendall(f"GET /service/llm/stream?events=1000&delay=0.2 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Test-Id: {test_id}\r\n\r\n"
                  .encode())
     recv_until(sock, b"data: ")
     sock.close()

@@ -25,7 +25,9 @@ def routed(module_launchers):
     """A proxy with service 'llm' pointing at a backend process, shared by the module."""
     start_backend, start_proxy = module_launchers
     backend = start_backend()
-    proxy = start_proxy({"llm": service_entry(backend.port, timeouts={"connect": 2, "read": 5})})
+    # Reached by other names too, as behind a front end: those names must be allowed hosts.
+    proxy = start_proxy({"llm": service_entry(backend.port, timeouts={"connect": 2, "read": 5})},
+                        server_extra={"allowed_hosts": ["example.test", "front.example"]})
     return proxy, backend
 
 
@@ -265,7 +267,7 @@ def proxy_rss():
 def _chat_request(port: int, test_id: str, query: str = "") -> socket.socket:
     body = json.dumps({"model": "m", "stream": True, "max_tokens": 1000,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
-    return _raw_request(port, (f"POST /service/llm/v1/chat/completions{query} HTTP/1.1\r\nHost: x\r\n"
+    return _raw_request(port, (f"POST /service/llm/v1/chat/completions{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                f"X-Test-Id: {test_id}\r\nContent-Type: application/json\r\n"
                                f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
 

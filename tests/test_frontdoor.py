@@ -231,7 +231,8 @@ def test_a_body_without_a_model_is_400(synced_proxy):
         with requests.post(url, json=body, headers=CLOSE, timeout=10) as answer:
             error = error_of(answer, 400, code)
         assert error["type"] == "invalid_request_error"
-    with requests.post(url, data=b"{not json", headers=CLOSE, timeout=10) as answer:
+    with requests.post(url, data=b"{not json", headers={"Content-Type": "application/json", **CLOSE},
+                       timeout=10) as answer:
         error_of(answer, 400, "invalid_json")
 
 

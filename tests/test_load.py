@@ -212,7 +212,7 @@ class _Slowloris:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         sock.setblocking(False)
         if kind == "body":
-            sock.send(b"POST /service/llm/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n"
+            sock.send(b"POST /service/llm/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n"
                       b"Content-Type: application/octet-stream\r\n\r\n")
         elif kind == "headers":
             sock.send(b"GET /service/llm/v1/models HTTP/1.1\r\n")
@@ -334,7 +334,7 @@ def test_clients_that_never_read_hold_the_proxy_to_constant_memory(backend, star
         for _ in range(NON_READERS):
             sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            sock.sendall(b"GET /service/llm/download?bytes=209715200&mode=chunked HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /service/llm/download?bytes=209715200&mode=chunked HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             sockets.append(sock)
         # First the kernel buffers on each path fill (a few MB per client: a burst of copying);
         # then the proxy must go quiet, not keep reading from the backends.

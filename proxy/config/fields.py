@@ -2,6 +2,7 @@
 model names, and mappings whose errors sit under the user's own keys."""
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -34,6 +35,10 @@ VOLUME_ERROR = "Must be 'HOST:CONTAINER[:ro|rw]' with absolute paths."
 SIZE_ERROR = "Must be a size like '16g': a number with an optional b, k, m or g suffix."
 TOKEN = re.compile(r"[!-~]+\Z")  # printable ASCII, no spaces: it must fit in "Bearer <token>"
 TOKEN_ERROR = "Must be a non-empty token of printable ASCII characters without spaces."
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*)(\.[a-z0-9_-]+)*\Z")  # a DNS name or an IPv4 address
+HOST_ERROR = "Must be a host name or IP address without a port, or '*'."
+ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9_][a-z0-9_.-]*)(:[0-9]{1,5})?\Z")
+ORIGIN_ERROR = "Must be an origin like 'http://localhost:3000' (scheme, host, optional port; no path), or '*'."
 UNKNOWN_FIELD = "Unknown field."
 PORT_RANGE = validate.Range(min=1, max=65535)
 
@@ -111,6 +116,47 @@ class Token(Text):
 
     def __init__(self, **kwargs):
         super().__init__(validate=validate.Regexp(TOKEN, error=TOKEN_ERROR), **kwargs)
+
+
+def normal_host(text: str) -> str | None:
+    """A host as the proxy compares them: lower case, no trailing dot, IPv6 without brackets
+    and compressed ("[0:0::1]" -> "::1"); None when it is neither a name nor an address."""
+    host = text.strip().lower().rstrip(".")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed or ":" in host:  # only IPv6 addresses hold a colon once the port is gone
+        try:
+            return ipaddress.IPv6Address(host[1:-1] if bracketed else host).compressed
+        except ValueError:
+            return None
+    return host if HOST_NAME.match(host) else None
+
+
+class HostName(fields.String):
+    """An entry of ``server.allowed_hosts``: a host name or an IP address, or "*"."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        host = "*" if text.strip() == "*" else normal_host(text)
+        if host is None:
+            raise ValidationError(HOST_ERROR)
+        return host
+
+
+class Origin(fields.String):
+    """An entry of ``server.cors_origins``: "*" or scheme://host[:port], written the way
+    browsers send it in the Origin header (lower case, no default port, no slash)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs).strip().lower().rstrip("/")
+        if text == "*":
+            return text
+        match = ORIGIN.match(text)
+        if match is None or (match[3] and not 1 <= int(match[3][1:]) <= 65535):
+            raise ValidationError(ORIGIN_ERROR)
+        scheme, host, port = match.groups()
+        if port in ({"http": ":80", "https": ":443"}[scheme], None):
+            port = ""
+        return f"{scheme}://{host}{port}"
 
 
 class LogLevel(fields.String):

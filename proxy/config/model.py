@@ -106,6 +106,12 @@ class ServerConfig:
     # Secrets: kept out of repr() so a logged config never shows them.
     admin_token: str | None = field(default=None, repr=False)  # None: /api/v1 is open
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /service/... is open
+    # Browsers (proxy/routes/cross_site.py). Host names answered besides localhost, the loopback
+    # addresses and `host`, which always are; "*": any. Against DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
+    # Web page origins ("http://localhost:3000") that may call the proxy from a browser; "*":
+    # any. A request from any other page (an Origin header) is refused.
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
 from .fields import (ENV_NAME, ENV_NAME_ERROR, GROUP_NAME, GROUP_NAME_ERROR, MODEL_NAME, MODEL_NAME_ERROR,
-                     PORT_RANGE, SERVICE_ID, SERVICE_ID_ERROR, UNKNOWN_FIELD, ByteSize, Duration, Gpus, Int,
-                     KeyedDict, LogLevel, ModelNames, Size, Text, Token, VolumeSpec)
+                     PORT_RANGE, SERVICE_ID, SERVICE_ID_ERROR, UNKNOWN_FIELD, ByteSize, Duration, Gpus, HostName,
+                     Int, KeyedDict, LogLevel, ModelNames, Origin, Size, Text, Token, VolumeSpec)
 from .model import SERVICE_TYPES, GroupConfig, Resources, ServerConfig, ServiceConfig, Timeouts
 
 class StrictSchema(Schema):
@@ -104,11 +104,14 @@ class ServerSchema(StrictSchema):
         error="Must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit."))
     admin_token = Token()
     api_keys = fields.List(Token())
+    allowed_hosts = fields.List(HostName())
+    cors_origins = fields.List(Origin())
 
     @post_load
     def _build(self, data, **kwargs):
-        if "api_keys" in data:
-            data["api_keys"] = tuple(data["api_keys"])
+        for name in ("api_keys", "allowed_hosts", "cors_origins"):
+            if name in data:
+                data[name] = tuple(data[name])
         return ServerConfig(**data)
 
 

@@ -11,7 +11,7 @@ import json
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound
+from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, UnsupportedMediaType
 from ..forwarding.relay import Outgoing, body_too_large, relay
 from ..forwarding.upstream import client_target, request_headers
 
@@ -44,6 +44,13 @@ def list_models():
 @bp.post("/v1/<path:path>")
 def route_by_model(path: str):
     runtime = current_app.extensions["proxy"]
+    # Only JSON that says so: a page's form or text/plain fetch must never pass for a request.
+    if request.mimetype != "application/json":
+        sent = request.content_type
+        raise UnsupportedMediaType(
+            "The request body must be JSON sent with 'Content-Type: application/json'"
+            + (f", not {sent[:100]!r}" if sent else "; none was sent"),
+            hint="Send the header 'Content-Type: application/json'")
     body, payload = _read_json_body()
     model = payload.get("model")
     if not isinstance(model, str) or not model:

@@ -106,6 +106,10 @@ def _error(status: int, codes: dict[str, str]) -> dict:
     return _json({"allOf": [{"$ref": "#/components/schemas/Error"}, narrowed]}, description)
 
 
+# What any request may get before its route runs (proxy/routes/cross_site.py).
+_HOST_NOT_ALLOWED = {"host_not_allowed": "the Host header names no host of server.allowed_hosts"}
+_FOREIGN_ORIGIN = _error(403, {"origin_not_allowed": "sent by a web page whose origin is neither the "
+                                                     "proxy's own nor in server.cors_origins"})
 _UNKNOWN_SERVICE = _error(404, {"service_not_found": "no such service in the config",
                                 "not_found": "the id holds a '/', so no route matches"})
 _DOCKER_DOWN = _error(503, {"docker_unavailable": "the Docker engine cannot be reached (forwarding goes on)"})
@@ -182,7 +186,7 @@ def _paths() -> dict:
                 "202": _json({"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}, {
                     "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}]},
                     "Under way (creating, or waiting for a swap's drain or a stop); not waited for."),
-                "400": _error(400, {"invalid_parameter": "bad wait or timeout"}),
+                "400": _error(400, {"invalid_parameter": "bad wait or timeout", **_HOST_NOT_ALLOWED}),
                 "404": _UNKNOWN_SERVICE,
                 "409": _error(409, {"already_running": "already running or being started",
                                     "name_conflict": "a container not made by this proxy holds the name"}),
@@ -206,7 +210,7 @@ def _paths() -> dict:
                         "cut": {"type": "integer", "minimum": 0,
                                 "description": "Requests still in flight when the container was stopped."},
                     }}]}, "Stopped and removed (exit_code is the stopped container's), or it was not running."),
-                "400": _error(400, {"invalid_parameter": "bad drain"}),
+                "400": _error(400, {"invalid_parameter": "bad drain", **_HOST_NOT_ALLOWED}),
                 "404": _UNKNOWN_SERVICE,
                 "500": _error(500, {"stop_failed": "Docker refused to stop or remove it"}),
                 "503": _DOCKER_DOWN,
@@ -237,6 +241,8 @@ def document(service_ids: Iterable[str] = (), *, admin_token: bool = False) -> d
         for operation in item.values():
             if "parameters" in operation:
                 operation["parameters"] = [service_id if p is SERVICE_ID else p for p in operation["parameters"]]
+            operation["responses"].setdefault("400", _error(400, _HOST_NOT_ALLOWED))
+            operation["responses"]["403"] = _FOREIGN_ORIGIN
             if admin_token and path.startswith("/api/"):
                 operation["security"] = [{"adminToken": []}]
                 operation["responses"]["401"] = _UNAUTHORIZED

@@ -268,6 +268,9 @@ class Lifecycle:
             began = time.monotonic()
             token = self._make_room(service, job)
             try:
+                if self.coordinator.phase(service.id) != PHASE_STARTING:  # a stop came meanwhile
+                    raise ServiceStopping(f"Service '{service.id}' was stopped before it started",
+                                          service_id=service.id)
                 info = self._create(service)
                 job.accepted.set()
                 self.states.update(info)
