@@ -2,6 +2,7 @@
 model names, and mappings whose errors sit under the user's own keys."""
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ VOLUME_ERROR = "Must be 'HOST:CONTAINER[:ro|rw]' with absolute paths."
 SIZE_ERROR = "Must be a size like '16g': a number with an optional b, k, m or g suffix."
 TOKEN = re.compile(r"[!-~]+\Z")  # printable ASCII, no spaces: it must fit in "Bearer <token>"
 TOKEN_ERROR = "Must be a non-empty token of printable ASCII characters without spaces."
+PROXY_ADDRESS_ERROR = "Must be an IP address or a network such as 10.0.0.0/8 (no host bits set)."
 UNKNOWN_FIELD = "Unknown field."
 PORT_RANGE = validate.Range(min=1, max=65535)
 
@@ -111,6 +113,19 @@ class Token(Text):
 
     def __init__(self, **kwargs):
         super().__init__(validate=validate.Regexp(TOKEN, error=TOKEN_ERROR), **kwargs)
+
+
+class ProxyAddress(Text):
+    """An IP address or network (CIDR, without host bits: 10.0.0.0/8), as gunicorn's
+    forwarded_allow_ips takes it."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            ipaddress.ip_network(text)
+        except ValueError:
+            raise ValidationError(PROXY_ADDRESS_ERROR) from None
+        return text
 
 
 class LogLevel(fields.String):
