@@ -23,7 +23,7 @@ except ConfigError as _error:
     print(_error, file=sys.stderr)
     sys.exit(1)
 
-setup_logging(_config.server.log_level)
+setup_logging(_config.server.log_level, _config.secrets)
 logger.info("configuration loaded from {}: {} service(s)", _path, len(_config.services))
 os.environ["PROXY_CONFIG"] = os.path.abspath(_path)  # workers read the very same file
 

@@ -30,7 +30,7 @@ def create_app(config=None, docker_client=None):
 
     if config is None:
         config = load_config(config_path())
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.secrets)
 
     app = Flask(__name__)
     app.extensions["proxy"] = Runtime(config, docker_client=docker_client)
