@@ -18,7 +18,8 @@ from loguru import logger
 from ..config import ServiceConfig
 from ..shared.coordinator import PHASE_STOPPING
 from .disconnect import stop_watching, watch_client
-from ..errors import BodyTooLarge, InvalidRequest, ProxyError, TooManyRequests, UpstreamTimeout, UpstreamUnreachable
+from ..errors import (BodyTooLarge, InvalidRequest, ProxyError, TooManyRequests, UpstreamTimeout,
+                      UpstreamUnreachable, answer)
 from ..services.lifecycle import ClientLeft
 from .upstream import Exchange, iter_body, response_headers
 
@@ -56,7 +57,8 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
     watcher = watch_client(environ, exchange, label)
     deadline = time.monotonic() + service.start_timeout
     if loading_events and service.autostart and not runtime.lifecycle.ready_now(service):
-        return _loading_stream(runtime, service, outgoing, exchange, watcher, deadline, label)
+        return _loading_stream(runtime, service, outgoing, exchange, watcher, deadline, label,
+                               environ.get("PATH_INFO", ""))
     try:
         admission = _admit(runtime, service, exchange, deadline)
     except BaseException:
@@ -192,7 +194,7 @@ def _finish(upstream: requests.Response | None, exchange: Exchange, watcher, adm
 
 
 def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchange, watcher,
-                    deadline: float, label: str) -> Response:
+                    deadline: float, label: str, path: str) -> Response:
     """Answer an event stream at once and keep it alive while the service starts; then
     relay the backend's events. Errors after that point can only be events themselves."""
     def events():
@@ -209,7 +211,7 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
                     return
                 upstream = _send(runtime, service, outgoing, exchange, label)
             except ProxyError as error:
-                yield _error_event(error.to_dict())
+                yield _error_event(answer(error, path))  # as the error handler would answer it
                 return
             if upstream is None:
                 return
