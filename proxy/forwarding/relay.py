@@ -78,7 +78,8 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
         _close_exchange(exchange, watcher)
         return Response(status=499)
 
-    headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"))
+    headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"),
+                                   chunked=upstream.raw.chunked)
     event_stream = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     response = Response(_relay_body(upstream, exchange, label, event_stream), status=f"{upstream.status_code} {upstream.reason}",
                         headers=headers_out)
@@ -90,6 +91,7 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
         del response.headers["Content-Type"]  # werkzeug would add text/html otherwise
     elif event_stream:
         response.headers["X-Accel-Buffering"] = "no"  # so an nginx in front does not buffer
+    exchange.responding = True
     return response
 
 
@@ -227,6 +229,7 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
     response = Response(events(), status=200, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
+    exchange.responding = True
     return response
 
 

@@ -56,7 +56,8 @@ def route_by_model(path: str):
         body = json.dumps(payload).encode()
 
     environ = request.environ
-    headers = request_headers(environ, service.upstream_host)
+    trusted = runtime.config.server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
+    headers = request_headers(environ, service.upstream_host, trusted)
     headers["Content-Length"] = str(len(body))
     outgoing = Outgoing("POST", client_target(environ), headers, body)
     return relay(runtime, service, outgoing, environ, loading_events=payload.get("stream") is True)
