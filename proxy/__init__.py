@@ -24,6 +24,7 @@ def create_app(config=None, docker_client=None):
 
     from .config import config_path, load_config
     from .errors import register_error_handlers
+    from .forwarding.inbound import register_body_guard
     from .log import register_request_log, setup_logging
     from .routes import register_routes
     from .runtime import Runtime
@@ -37,6 +38,7 @@ def create_app(config=None, docker_client=None):
     register_error_handlers(app)
     if config.server.log_level == "DEBUG":
         register_request_log(app)
+    register_body_guard(app, config.server)
     register_routes(app, config)
     app.extensions["proxy"].start()
     return app

@@ -22,6 +22,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -104,6 +105,18 @@ class InvalidRequest(ProxyError):
 
 class BodyTooLarge(ProxyError):
     status, code = 413, "body_too_large"
+
+
+class BodyTimeout(ProxyError):
+    """The client stopped sending its body; the connection is closed after this answer."""
+
+    status, code = 408, "body_timeout"
+
+
+class ServerBusy(ProxyError):
+    """This worker holds as many request bodies as ``server.max_buffered`` allows."""
+
+    status, code, plain = 503, "server_busy", True
 
 
 class TooManyRequests(ProxyError):

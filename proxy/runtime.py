@@ -6,6 +6,7 @@ from .services.containers import Containers
 from .shared.coordinator import for_services
 from .services.lifecycle import Lifecycle
 from .services.container_states import ServiceStates
+from .forwarding.inbound import BufferBudget
 from .forwarding.upstream import UpstreamPool
 
 
@@ -18,6 +19,7 @@ class Runtime:
         self.containers = Containers(config.server.container_prefix, client=docker_client)
         self.states = ServiceStates(self.containers)
         self.upstream = UpstreamPool()
+        self.buffered = BufferBudget(config.server.max_buffered)  # the front door's JSON bodies
         # Shared by every worker when gunicorn.conf.py installed it before forking.
         self.coordinator = for_services(list(config.services), list(config.groups))
         self.lifecycle = Lifecycle(config, self.containers, self.states, self.coordinator, self.upstream)

@@ -131,8 +131,8 @@ def _send(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchang
     try:
         return runtime.upstream.send(outgoing.method, f"http://{upstream_host}{outgoing.target}", outgoing.headers,
                                      outgoing.body, (service.timeouts.connect, service.timeouts.read), exchange)
-    except BodyTooLarge:
-        raise  # a chunked upload went over the limit: the upstream connection was dropped
+    except ProxyError:
+        raise  # the client's body went over a limit or stalled: the upstream connection was dropped
     except (requests.RequestException, OSError) as exc:
         if exchange.client_gone:
             return None
