@@ -33,7 +33,7 @@ except ConfigError as _error:
         logger.error("{}", _problem)
     _config = _previous
 else:
-    setup_logging(_config.server.log_level)
+    setup_logging(_config.server.log_level, _config.secrets)
     logger.info("configuration {} from {}: {} service(s)", "reloaded" if _previous else "loaded", _path,
                 len(_config.services))
 accept(_config)  # what the workers forked from now on serve
@@ -56,6 +56,12 @@ control_socket_disable = True  # else gunicorn makes a socket under $HOME
 logger_class = GunicornLogger
 loglevel = _config.server.log_level.lower()
 accesslog = None               # requests are logged by the app at DEBUG
+# X-Forwarded-Proto and friends count only from the front proxies named in
+# server.trusted_proxies (gunicorn's default trusts any local client). No header may set
+# SCRIPT_NAME or PATH_INFO, whoever sends it: the proxy serves at the root, routes on the
+# raw path, and gunicorn answers a path outside a claimed SCRIPT_NAME with a bare 500.
+forwarded_allow_ips = ",".join(_config.server.trusted_proxies)
+forwarder_headers = ""
 
 
 def on_starting(server):

@@ -26,19 +26,21 @@ def create_app(config=None, docker_client=None):
     from .config import config_path, load_config
     from .config.accepted import accepted
     from .errors import register_error_handlers
+    from .forwarding.inbound import register_body_guard
     from .log import register_request_log, setup_logging
     from .routes import register_routes
     from .runtime import Runtime
 
     if config is None:
         config = accepted() or load_config(config_path())
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.secrets)
 
     app = Flask(__name__)
     app.extensions["proxy"] = Runtime(config, docker_client=docker_client)
     register_error_handlers(app)
     if config.server.log_level == "DEBUG":
         register_request_log(app)
+    register_body_guard(app, config.server)
     register_routes(app, config)
     app.extensions["proxy"].start()
     return app

@@ -9,7 +9,9 @@ model's own answer::
 """
 from __future__ import annotations
 
-from flask import Flask, Response, json
+import secrets
+
+from flask import Flask, Response, has_request_context, json, request
 from loguru import logger
 from werkzeug.exceptions import HTTPException
 
@@ -20,6 +22,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
@@ -36,6 +39,10 @@ class ProxyError(Exception):
 
     status = 500
     code = "internal_error"
+    # A 5xx message in the proxy's own words only, fit for any client. Any other 5xx may
+    # carry foreign text (Docker's, with host paths and image names): outside the admin API
+    # it is answered plainly, with a reference to the log line (see ``answer``).
+    plain = False
 
     def __init__(self, message: str, *, service_id: str | None = None, hint: str | None = None,
                  code: str | None = None, status: int | None = None, extra: dict | None = None,
@@ -73,7 +80,7 @@ class ServiceNotFound(ProxyError):
 
 
 class ServiceNotRunning(ProxyError):
-    status, code = 503, "service_not_running"
+    status, code, plain = 503, "service_not_running", True
 
     def __init__(self, service_id: str, state: str = "not running", extra: dict | None = None):
         super().__init__(
@@ -84,7 +91,7 @@ class ServiceNotRunning(ProxyError):
 
 
 class ServiceStopping(ProxyError):
-    status, code = 503, "service_stopping"
+    status, code, plain = 503, "service_stopping", True
 
 
 class ModelNotFound(ProxyError):
@@ -99,6 +106,18 @@ class InvalidRequest(ProxyError):
 
 class BodyTooLarge(ProxyError):
     status, code = 413, "body_too_large"
+
+
+class BodyTimeout(ProxyError):
+    """The client stopped sending its body; the connection is closed after this answer."""
+
+    status, code = 408, "body_timeout"
+
+
+class ServerBusy(ProxyError):
+    """This worker holds as many request bodies as ``server.max_buffered`` allows."""
+
+    status, code, plain = 503, "server_busy", True
 
 
 class TooManyRequests(ProxyError):
@@ -126,11 +145,11 @@ class UnsupportedMediaType(ProxyError):
 
 
 class UpstreamUnreachable(ProxyError):
-    status, code = 502, "upstream_unreachable"
+    status, code, plain = 502, "upstream_unreachable", True
 
 
 class UpstreamTimeout(ProxyError):
-    status, code = 504, "upstream_timeout"
+    status, code, plain = 504, "upstream_timeout", True
 
 
 class DockerUnavailable(ProxyError):
@@ -152,7 +171,7 @@ class StartFailed(ProxyError):
 
 
 class StartTimeout(ProxyError):
-    status, code = 504, "start_timeout"
+    status, code, plain = 504, "start_timeout", True
 
 
 class StopFailed(ProxyError):
@@ -169,11 +188,37 @@ START_FAILURES = {
 }
 
 
+ADMIN_ROUTES = "/api/"  # the admin API: its callers see every error in full
+_STARTING = frozenset(START_FAILURES) | {"autostart_exited", "autostart_timeout", "docker_unavailable"}
+
+
+def answer(error: ProxyError, path: str) -> dict:
+    """The envelope a caller of ``path`` gets for ``error``; the error is logged here, once.
+
+    On the admin API every error comes in full. Elsewhere (``/v1``, ``/service``) a 5xx that
+    is not ``plain`` comes as a plain message with a ``ref``; the log line with the same ref
+    holds the full detail, for the operator.
+    """
+    ref = None
+    body = error.to_dict()
+    if error.status >= 500 and not error.plain and not path.startswith(ADMIN_ROUTES):
+        ref = secrets.token_hex(6)
+        if error.service_id and error.code in _STARTING:
+            what = f"Service '{error.service_id}' could not be started"
+        else:
+            what = "The proxy could not complete this request"
+        body = {"error": {"message": f"{what}; the proxy's log has the details under ref {ref}",
+                          "type": body["error"]["type"], "code": error.code, "service_id": error.service_id,
+                          "source": "proxy", "ref": ref}}
+    # The message never holds a secret by design, and the log sink masks any that slipped in.
+    logger.log("WARNING" if error.status >= 500 else "INFO", "{} {} {}{}: {}", error.status, error.code,
+               error.service_id or "-", f" (ref {ref})" if ref else "", error.message)
+    return body
+
+
 def error_response(error: ProxyError) -> Response:
-    # Every refusal and failure is logged once, here; the message never holds secrets.
-    logger.log("WARNING" if error.status >= 500 else "INFO", "{} {} {}: {}", error.status, error.code,
-               error.service_id or "-", error.message)
-    return Response(json.dumps(error.to_dict()), status=error.status, mimetype="application/json",
+    path = request.path if has_request_context() else ""
+    return Response(json.dumps(answer(error, path)), status=error.status, mimetype="application/json",
                     headers=error.headers)
 
 

@@ -4,13 +4,18 @@ gunicorn's own lines (through ``GunicornLogger``, named by ``logger_class`` in
 gunicorn.conf.py), Flask's, werkzeug's, urllib3's and docker's stdlib logging all end up
 in the same sink with the same format: timestamp, level, message.
 
-Two guarantees hold for every line the sink writes:
+The sink is the one place every line passes, so these guarantees are kept there:
 
-- each line has the prefix, also the continuation lines of a multi-line message (gunicorn's
-  configuration dump at DEBUG, a traceback), so line-based tools never see a bare line;
+- one record is one line: non-printable characters in a message (newlines, escape
+  sequences, NUL) are written escaped (``\n``, ``\x1b``), so text a client controls (a
+  path, a service id, a model name, gunicorn's quote of a bad request) cannot forge lines
+  or drive a terminal. Only a traceback spans lines, each with the prefix;
+- the configured secrets (``Config.secrets``: the admin token, the API keys, what ``${VAR}``
+  brought in from the environment) are masked wherever they appear, also in text that
+  quotes a client's request;
 - query-string values and ``Bearer`` credentials are masked (``?api_key=***``): clients put
   API keys there, and URLs reach the log from many places (our own messages, exception
-  texts from requests and urllib3), so the sink is the one place that sees them all.
+  texts from requests and urllib3).
 """
 from __future__ import annotations
 
@@ -41,20 +46,48 @@ def redact(text: str) -> str:
     return text
 
 
-class _LineSink:
-    """Writes each formatted record with its secrets masked and the prefix on every line."""
+def printable(text: str) -> str:
+    """The text with every non-printable character escaped as Python would write it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
-    def __init__(self, stream):
-        self._stream = stream
+
+class _LineSink:
+    """Writes each formatted record as one line (a traceback: a prefixed line each), with its
+    non-printable characters escaped and its secrets masked."""
+
+    def __init__(self):
+        self.stream = sys.stdout
+        self.secrets: re.Pattern | None = None
 
     def write(self, message) -> None:
-        text = redact(str(message).rstrip("\n"))
-        if "\n" in text:
-            record = message.record
-            prefix = f"{record['time']:YYYY-MM-DD HH:mm:ss.SSS} | {record['level'].name: <8} | "
-            text = text.replace("\n", "\n" + prefix)
-        self._stream.write(text + "\n")
-        self._stream.flush()
+        record = message.record
+        text = str(message)
+        prefix = f"{record['time']:YYYY-MM-DD HH:mm:ss.SSS} | {record['level'].name: <8} | "
+        said = record["message"]
+        if text.startswith(prefix) and text.startswith(said, len(prefix)):  # LOG_FORMAT: "\n" + any traceback
+            traceback = text[len(prefix) + len(said):].rstrip("\n")
+        else:
+            prefix, said, traceback = "", text.rstrip("\n"), ""
+        line = prefix + printable(self._mask(said))
+        if traceback:  # the one multi-line part; it may quote a client too
+            lines = (printable(part) for part in self._mask(traceback).split("\n"))
+            line += ("\n" + prefix).join(lines)
+        self.stream.write(redact(line) + "\n")
+        self.stream.flush()
+
+    def _mask(self, text: str) -> str:
+        return text if self.secrets is None else self.secrets.sub(REDACTED, text)
+
+
+_sink = _LineSink()
+
+
+def set_secrets(values) -> None:
+    """Mask these values (Config.secrets) in every line from now on."""
+    values = sorted((value for value in values if value), key=len, reverse=True)  # longest first
+    _sink.secrets = re.compile("|".join(map(re.escape, values))) if values else None
 
 
 class InterceptHandler(logging.Handler):
@@ -68,13 +101,14 @@ class InterceptHandler(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """(Re)configure the single sink; safe to call more than once."""
+def setup_logging(level: str = "INFO", secrets=()) -> None:
+    """(Re)configure the single sink, masking ``secrets``; safe to call more than once."""
     logger.remove()
+    _sink.stream = sys.stdout
+    set_secrets(secrets)
     # enqueue=False: writes stay in the calling greenlet; diagnose=False keeps local
     # variables (which may hold tokens) out of logged tracebacks.
-    logger.add(_LineSink(sys.stdout).write, level=level, format=LOG_FORMAT, backtrace=False,
-               diagnose=False)
+    logger.add(_sink.write, level=level, format=LOG_FORMAT, backtrace=False, diagnose=False)
     logging.basicConfig(handlers=[InterceptHandler()], level=level, force=True)
     # urllib3 logs every new connection at DEBUG, docker-py each config lookup: too chatty.
     for chatty in ("urllib3", "docker"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .config import Config
+from .forwarding.inbound import BufferBudget
 from .forwarding.upstream import UpstreamPool
 from .services.container_states import ContainerStates
 from .services.engine import Containers
@@ -19,6 +20,7 @@ class Runtime:
         self.containers = Containers(config.server.container_prefix, client=docker_client)
         self.states = ContainerStates(self.containers)
         self.upstream = UpstreamPool()
+        self.buffered = BufferBudget(config.server.max_buffered)  # the front door's JSON bodies
         # Shared by every worker when gunicorn.conf.py installed it before forking.
         self.coordinator = for_services(list(config.services), list(config.groups))
         self.lifecycle = Lifecycle(config, self.containers, self.states, self.coordinator, self.upstream)

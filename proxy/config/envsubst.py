@@ -30,11 +30,12 @@ def unset_message(name: str) -> str:
     return f"Environment variable '{name}' is not set (use ${{{name}:-default}} for a default)."
 
 
-def expand(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+def expand(text: str, environ: Mapping[str, str], taken: set[str] | None = None) -> tuple[str, list[str]]:
     """Expand the references in one string. Returns (result, problems).
 
     A reference that cannot be expanded becomes the empty string, so the caller can keep
-    validating the rest of the document and report everything at once.
+    validating the rest of the document and report everything at once. ``taken`` collects
+    every value that came from the environment (not defaults): they may be secrets.
     """
     problems: list[str] = []
 
@@ -53,6 +54,8 @@ def expand(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
         if value is None:
             problems.append(unset_message(name))
             return ""
+        if taken is not None and value:
+            taken.add(value)
         return value
 
     if "$" not in text:  # the common case: nothing to do
@@ -64,16 +67,18 @@ def expand(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
 def expand_tree(document, environ: Mapping[str, str]):
     """Expand every string value in a tree of dicts and lists (keys are left alone).
 
-    Returns (expanded copy, [(path, problem), ...]) where path is a tuple of keys and
-    list indices. YAML anchors can make a tree share nodes (or contain itself); each node
-    is expanded once, which keeps "billion laughs" documents and cycles cheap and finite.
+    Returns (expanded copy, [(path, problem), ...], {values taken from the environment})
+    where path is a tuple of keys and list indices. YAML anchors can make a tree share
+    nodes (or contain itself); each node is expanded once, which keeps "billion laughs"
+    documents and cycles cheap and finite.
     """
     problems: list[tuple[tuple, str]] = []
+    taken: set[str] = set()
     done: dict[int, object] = {}  # id(original container) -> its expanded copy
 
     def walk(node, path: tuple):
         if isinstance(node, str):
-            value, found = expand(node, environ)
+            value, found = expand(node, environ, taken)
             problems.extend((path, message) for message in found)
             return value
         if not isinstance(node, (dict, list)):
@@ -92,4 +97,4 @@ def expand_tree(document, environ: Mapping[str, str]):
                 copy.append(walk(value, path + (index,)))
         return copy
 
-    return walk(document, ()), problems
+    return walk(document, ()), problems, taken

@@ -39,6 +39,7 @@ HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*)(\.[a-z0-9_-]+)*\Z")  # a DNS nam
 HOST_ERROR = "Must be a host name or IP address without a port, or '*'."
 ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9_][a-z0-9_.-]*)(:[0-9]{1,5})?\Z")
 ORIGIN_ERROR = "Must be an origin like 'http://localhost:3000' (scheme, host, optional port; no path), or '*'."
+PROXY_ADDRESS_ERROR = "Must be an IP address or a network such as 10.0.0.0/8 (no host bits set)."
 UNKNOWN_FIELD = "Unknown field."
 PORT_RANGE = validate.Range(min=1, max=65535)
 
@@ -157,6 +158,17 @@ class Origin(fields.String):
         if port in ({"http": ":80", "https": ":443"}[scheme], None):
             port = ""
         return f"{scheme}://{host}{port}"
+class ProxyAddress(Text):
+    """An IP address or network (CIDR, without host bits: 10.0.0.0/8), as gunicorn's
+    forwarded_allow_ips takes it."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            ipaddress.ip_network(text)
+        except ValueError:
+            raise ValidationError(PROXY_ADDRESS_ERROR) from None
+        return text
 
 
 class LogLevel(fields.String):

@@ -98,7 +98,7 @@ def load_config_text(text: str, source: str = DEFAULT_CONFIG_PATH,
     log_level = (environ.get("PROXY_LOG_LEVEL") or "").upper()  # empty counts as unset
     env_errors = [LOG_LEVEL_ERROR] if log_level and log_level not in LOG_LEVELS else []
     try:
-        server, services, groups = _load_document(text, source, environ)
+        server, services, groups, expanded = _load_document(text, source, environ)
     except ConfigError as exc:
         raise ConfigError(exc.errors + env_errors) from None
     if env_errors:
@@ -106,18 +106,18 @@ def load_config_text(text: str, source: str = DEFAULT_CONFIG_PATH,
     if log_level:
         server = dataclasses.replace(server, log_level=log_level)
     return Config(server=server, services=types.MappingProxyType(services), source=source,
-                  groups=types.MappingProxyType(groups))
+                  groups=types.MappingProxyType(groups), expanded_values=frozenset(expanded))
 
 
 def _load_document(text: str, source: str, environ: Mapping[str, str]):
-    """-> (ServerConfig, {id: ServiceConfig}, {name: GroupConfig}), or ConfigError with the
-    file's problems."""
+    """-> (ServerConfig, {id: ServiceConfig}, {name: GroupConfig}, {values from ${VAR}}), or
+    ConfigError with the file's problems."""
     document = _parse_yaml(text, source)
     if document is None:  # an empty file: all defaults
         document = {}
     if not isinstance(document, dict):
         raise ConfigError([f"{source}: The top level must be a mapping with 'server' and 'services'."])
-    document, expansion_problems = expand_tree(document, environ)
+    document, expansion_problems, expanded = expand_tree(document, environ)
     problems = [(tuple(map(str, path)), message) for path, message in expansion_problems]
     try:
         loaded = ConfigSchema().load(document)
@@ -126,7 +126,7 @@ def _load_document(text: str, source: str, environ: Mapping[str, str]):
     if problems:
         raise ConfigError([f"{source}: {_format_path(path)}{message}"
                            for path, message in sorted(problems, key=_path_order)])
-    return loaded
+    return (*loaded, expanded)
 
 
 def load_config(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:

@@ -6,6 +6,7 @@ default written here.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 SERVICE_TYPES = {"llama-cpp-server": {"container_port": 8080, "health_path": "/health"}}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_MAX_QUEUE = 100  # services.<id>.max_queue when only max_concurrent is set
+MIN_MASKED_LENGTH = 4  # ${VAR} values shorter than this are not masked in the log
 
 
 class ConfigError(Exception):
@@ -112,6 +114,28 @@ class ServerConfig:
     # Web page origins ("http://localhost:3000") that may call the proxy from a browser; "*":
     # any. A request from any other page (an Origin header) is refused.
     cors_origins: tuple[str, ...] = ()
+    # The client's request body: the longest pause between its bytes; the largest JSON body
+    # /v1 reads whole; how many bytes of such bodies one worker may hold at once.
+    body_timeout: float = 30.0
+    max_json_body: int = 16 * 1024 ** 2
+    max_buffered: int = 256 * 1024 ** 2
+    # Addresses or networks of front proxies whose X-Forwarded-* headers are believed; empty: none.
+    trusted_proxies: tuple[str, ...] = ()
+    _trusted_networks: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        networks = tuple(ipaddress.ip_network(entry) for entry in self.trusted_proxies)
+        object.__setattr__(self, "_trusted_networks", networks)
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        """Is the peer at ``address`` one of ``trusted_proxies``?"""
+        if not self._trusted_networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._trusted_networks)
 
 
 @dataclass(frozen=True)
@@ -126,6 +150,8 @@ class Config:
     services: Mapping[str, ServiceConfig]  # read-only, in file order
     source: str  # the file path (or a label) used in messages
     groups: Mapping[str, GroupConfig] = field(default_factory=lambda: types.MappingProxyType({}))
+    # What ${VAR} references brought in from the environment (the loader fills it in).
+    expanded_values: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
     # (model name, service) for every id and alias, in file order; built once, from services
     _models: tuple[tuple[str, ServiceConfig], ...] = field(init=False, repr=False, compare=False)
     _by_model: Mapping[str, ServiceConfig] = field(init=False, repr=False, compare=False)
@@ -138,6 +164,17 @@ class Config:
             by_model.setdefault(name, service)  # the loader makes names unique; first one wins
         object.__setattr__(self, "_models", models)
         object.__setattr__(self, "_by_model", types.MappingProxyType(by_model))
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """Values no log line may show: the admin token, the API keys and everything that
+        came from the environment through ${VAR} (but the shortest, which would mask common
+        words and numbers everywhere)."""
+        values = {value for value in self.expanded_values if len(value) >= MIN_MASKED_LENGTH}
+        values.update(self.server.api_keys)
+        if self.server.admin_token:
+            values.add(self.server.admin_token)
+        return frozenset(values)
 
     def service_for_model(self, model: str) -> ServiceConfig | None:
         """The service a model name (a service id or one of its aliases) routes to, or None."""

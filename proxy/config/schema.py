@@ -11,7 +11,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_l
 
 from .fields import (ENV_NAME, ENV_NAME_ERROR, GROUP_NAME, GROUP_NAME_ERROR, MODEL_NAME, MODEL_NAME_ERROR,
                      PORT_RANGE, SERVICE_ID, SERVICE_ID_ERROR, UNKNOWN_FIELD, ByteSize, Duration, Gpus, HostName,
-                     Int, KeyedDict, LogLevel, ModelNames, Origin, Size, Text, Token, VolumeSpec)
+                     Int, KeyedDict, LogLevel, ModelNames, Origin, ProxyAddress, Size, Text, Token, VolumeSpec)
 from .model import SERVICE_TYPES, GroupConfig, Resources, ServerConfig, ServiceConfig, Timeouts
 
 class StrictSchema(Schema):
@@ -106,10 +106,22 @@ class ServerSchema(StrictSchema):
     api_keys = fields.List(Token())
     allowed_hosts = fields.List(HostName())
     cors_origins = fields.List(Origin())
+    body_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False))
+    max_json_body = ByteSize(validate=validate.Range(min=1))
+    max_buffered = ByteSize(validate=validate.Range(min=1))
+    trusted_proxies = fields.List(ProxyAddress())
+
+    @validates_schema(skip_on_field_errors=True)
+    def _one_body_fits_the_budget(self, data, **kwargs):
+        """A body the front door takes must fit in what a worker may hold, or it could never pass."""
+        defaults = ServerConfig()
+        largest = data.get("max_json_body", defaults.max_json_body)
+        if data.get("max_buffered", defaults.max_buffered) < largest:
+            raise ValidationError(f"Must be at least server.max_json_body ({largest} bytes).", "max_buffered")
 
     @post_load
     def _build(self, data, **kwargs):
-        for name in ("api_keys", "allowed_hosts", "cors_origins"):
+        for name in ("api_keys", "allowed_hosts", "cors_origins", "trusted_proxies"):
             if name in data:
                 data[name] = tuple(data[name])
         return ServerConfig(**data)

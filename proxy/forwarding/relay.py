@@ -18,7 +18,8 @@ from loguru import logger
 from ..config import ServiceConfig
 from ..shared.coordinator import PHASE_STOPPING
 from .disconnect import stop_watching, watch_client
-from ..errors import BodyTooLarge, InvalidRequest, ProxyError, TooManyRequests, UpstreamTimeout, UpstreamUnreachable
+from ..errors import (BodyTooLarge, InvalidRequest, ProxyError, TooManyRequests, UpstreamTimeout,
+                      UpstreamUnreachable, answer)
 from ..services.lifecycle import ClientLeft
 from .upstream import Exchange, iter_body, response_headers
 
@@ -56,7 +57,8 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
     watcher = watch_client(environ, exchange, label)
     deadline = time.monotonic() + service.start_timeout
     if loading_events and service.autostart and not runtime.lifecycle.ready_now(service):
-        return _loading_stream(runtime, service, outgoing, exchange, watcher, deadline, label)
+        return _loading_stream(runtime, service, outgoing, exchange, watcher, deadline, label,
+                               environ.get("PATH_INFO", ""))
     try:
         admission = _admit(runtime, service, exchange, deadline)
     except BaseException:
@@ -76,7 +78,8 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
         _close_exchange(exchange, watcher)
         return Response(status=499)
 
-    headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"))
+    headers_out = response_headers(upstream.raw.headers.items(), upstream.headers.get("Connection"),
+                                   chunked=upstream.raw.chunked)
     event_stream = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     response = Response(_relay_body(upstream, exchange, label, event_stream), status=f"{upstream.status_code} {upstream.reason}",
                         headers=headers_out)
@@ -88,6 +91,7 @@ def relay(runtime, service: ServiceConfig, outgoing: Outgoing, environ: dict,
         del response.headers["Content-Type"]  # werkzeug would add text/html otherwise
     elif event_stream:
         response.headers["X-Accel-Buffering"] = "no"  # so an nginx in front does not buffer
+    exchange.responding = True
     return response
 
 
@@ -140,8 +144,8 @@ def _send(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchang
     try:
         return runtime.upstream.send(outgoing.method, f"http://{upstream_host}{outgoing.target}", outgoing.headers,
                                      outgoing.body, (service.timeouts.connect, service.timeouts.read), exchange)
-    except BodyTooLarge:
-        raise  # a chunked upload went over the limit: the upstream connection was dropped
+    except ProxyError:
+        raise  # the client's body went over a limit or stalled: the upstream connection was dropped
     except (requests.RequestException, OSError) as exc:
         if exchange.client_gone:
             return None
@@ -205,7 +209,7 @@ def _finish(upstream: requests.Response | None, exchange: Exchange, watcher, adm
 
 
 def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchange: Exchange, watcher,
-                    deadline: float, label: str) -> Response:
+                    deadline: float, label: str, path: str) -> Response:
     """Answer an event stream at once and keep it alive while the service starts; then
     relay the backend's events. Errors after that point can only be events themselves."""
     def events():
@@ -223,7 +227,7 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
                     return
                 upstream = _send(runtime, service, outgoing, exchange, label)
             except ProxyError as error:
-                yield _error_event(error.to_dict())
+                yield _error_event(answer(error, path))  # as the error handler would answer it
                 return
             if upstream is None:
                 return
@@ -239,6 +243,7 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
     response = Response(events(), status=200, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
+    exchange.responding = True
     return response
 
 

@@ -8,6 +8,7 @@ arrives.
 from __future__ import annotations
 
 import errno
+import http.client
 import socket
 import threading
 from typing import Iterable, Iterator
@@ -26,6 +27,11 @@ HOP_BY_HOP = frozenset({
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
 })
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+# What a client may say about the hops before it only through a trusted front proxy
+# (server.trusted_proxies); from anyone else these are dropped and the proxy's own sent.
+_FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+                         "x-forwarded-port", "x-forwarded-prefix", "x-real-ip"})
+_NOT_FORWARDED_UNTRUSTED = _NOT_FORWARDED | _FORWARDING
 _READ_SIZE = 64 * 1024
 _UPLOAD_BLOCK = 256 * 1024  # an upload is read and sent this much at a time (urllib3: 16 KiB)
 
@@ -41,9 +47,14 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
 
 
-def request_headers(environ: dict, upstream_host: str) -> dict[str, str]:
-    """Headers to send upstream: the client's less hop-by-hop ones, plus X-Forwarded-*."""
-    drop = _NOT_FORWARDED | _connection_tokens(environ.get("HTTP_CONNECTION"))
+def request_headers(environ: dict, upstream_host: str, from_trusted_proxy: bool = False) -> dict[str, str]:
+    """Headers to send upstream: the client's less hop-by-hop ones, plus X-Forwarded-*.
+
+    A trusted front proxy's forwarding headers go on (the client's address appended to its
+    X-Forwarded-For); anyone else's are replaced by what the proxy itself saw.
+    """
+    drop = (_NOT_FORWARDED if from_trusted_proxy else _NOT_FORWARDED_UNTRUSTED) \
+        | _connection_tokens(environ.get("HTTP_CONNECTION"))
     headers = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
@@ -53,10 +64,10 @@ def request_headers(environ: dict, upstream_host: str) -> dict[str, str]:
     if environ.get("CONTENT_TYPE"):
         headers["Content-Type"] = environ["CONTENT_TYPE"]
     client = environ.get("REMOTE_ADDR", "")
-    prior = environ.get("HTTP_X_FORWARDED_FOR")
+    prior = environ.get("HTTP_X_FORWARDED_FOR") if from_trusted_proxy else None
     headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
-    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
-    if environ.get("HTTP_HOST"):
+    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")  # gunicorn: trusted proxies only
+    if environ.get("HTTP_HOST") and "X-Forwarded-Host" not in headers:
         headers["X-Forwarded-Host"] = environ["HTTP_HOST"]
     headers["Host"] = upstream_host
     return headers
@@ -67,22 +78,38 @@ def client_target(environ: dict) -> str:
 
     Flask hands views a decoded path (``%2F`` becomes ``/``); gunicorn keeps the raw
     target. An absolute-form target (``http://host/path``) keeps only its path and query:
-    the backend is ours, whatever host the client named.
+    the backend is ours, whatever host the client named. A ``#fragment`` is the client's
+    own business (RFC 9110 §4.2.5): it never goes on.
     """
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw is None:  # a WSGI server that keeps no raw target: rebuild from the decoded one
         query = environ.get("QUERY_STRING")
         raw = environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
+    if "#" in raw:
+        raw = raw.partition("#")[0]
     if not raw.startswith("/"):
         parts = urlsplit(raw)
         raw = parts.path + (f"?{parts.query}" if parts.query else "")
     return raw
 
 
-def response_headers(items: Iterable[tuple[str, str]], connection: str | None) -> list[tuple[str, str]]:
-    """The backend's headers less hop-by-hop ones; repeated headers stay repeated."""
+def response_headers(items: Iterable[tuple[str, str]], connection: str | None,
+                     chunked: bool = False) -> list[tuple[str, str]]:
+    """The backend's headers less hop-by-hop ones; repeated headers stay repeated.
+
+    A Content-Length goes on only where it is the length of the bytes the client will get:
+    not beside ``Transfer-Encoding: chunked`` (the body comes de-chunked, and RFC 9112 §6.3
+    says the chunking frames it), nor when it is not one plain number. Without one,
+    gunicorn frames the body itself, so a kept-alive connection stays in step.
+    """
     drop = HOP_BY_HOP | _connection_tokens(connection)
-    return [(name, value) for name, value in items if name.lower() not in drop]
+    kept = []
+    for name, value in items:
+        lower = name.lower()
+        if lower in drop or (lower == "content-length" and (chunked or not (value.isascii() and value.isdigit()))):
+            continue
+        kept.append((name, value))
+    return kept
 
 
 class SizedBody:
@@ -112,13 +139,14 @@ def chunked_body(stream) -> Iterator[bytes]:
 class Exchange:
     """One request's link to its upstream connection, for cutting it from outside."""
 
-    __slots__ = ("connection", "client_gone", "done", "on_cut", "target")
+    __slots__ = ("connection", "client_gone", "done", "on_cut", "responding", "target")
 
     def __init__(self, target: str | None = None):
         self.target = target  # the request target exactly as the client sent it
         self.connection: HTTPConnection | None = None
         self.client_gone = False
         self.done = False
+        self.responding = False  # the answer is handed to the WSGI server: it writes to the client now
         self.on_cut = None  # also called when the client leaves (say, to leave a queue)
 
     def cut(self) -> None:
@@ -139,7 +167,21 @@ class ClientGone(ConnectionError):
     """Raised instead of sending upstream when the client has already left."""
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """Reads past interim answers to the final one. http.client skips only 100 Continue: a
+    backend's 103 Early Hints would be taken for its answer, and the real one left unread."""
+
+    def _read_status(self):
+        version, status, reason = super()._read_status()
+        while 101 < status < 200:  # 100: begin() skips it; 101 switches protocols: final
+            http.client.parse_headers(self.fp)  # the interim answer's headers: dropped
+            version, status, reason = super()._read_status()
+        return version, status, reason
+
+
 class _TrackedConnection(HTTPConnection):
+    response_class = _FinalResponse
+
     @property
     def is_connected(self) -> bool:
         # urllib3 asks this of every pooled connection before reuse; its answer goes

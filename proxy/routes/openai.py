@@ -12,14 +12,13 @@ import json
 from flask import Blueprint, current_app, jsonify, request
 
 from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, UnsupportedMediaType
+from ..forwarding.inbound import HeldBody
 from ..forwarding.relay import Outgoing, body_too_large, relay
 from ..forwarding.upstream import client_target, request_headers
 
 bp = Blueprint("openai", __name__)
 
-# A chat request's JSON (long contexts, base64 images) stays well below this; the limit
-# only bounds what one request may make the proxy hold while it reads the model name.
-_DEFAULT_MAX_JSON_BODY = 64 * 1024 * 1024
+_BLOCK = 64 * 1024  # a body without a length is read and counted this much at a time
 
 
 def _invalid(message: str, code: str = "invalid_request") -> InvalidRequest:
@@ -43,6 +42,8 @@ def list_models():
 
 @bp.post("/v1/<path:path>")
 def route_by_model(path: str):
+    """The body is read whole to find its model: its bytes count against the worker's
+    ``server.max_buffered`` until the answer has been sent."""
     runtime = current_app.extensions["proxy"]
     # Only JSON that says so: a page's form or text/plain fetch must never pass for a request.
     if request.mimetype != "application/json":
@@ -51,7 +52,19 @@ def route_by_model(path: str):
             "The request body must be JSON sent with 'Content-Type: application/json'"
             + (f", not {sent[:100]!r}" if sent else "; none was sent"),
             hint="Send the header 'Content-Type: application/json'")
-    body, payload = _read_json_body()
+    held = runtime.buffered.hold()
+    try:
+        response = _forward_by_model(runtime, held)
+    except BaseException:
+        held.release()
+        raise
+    response.call_on_close(held.release)
+    return response
+
+
+def _forward_by_model(runtime, held: HeldBody):
+    server = runtime.config.server
+    body, payload = _read_json_body(server.max_json_body, held)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("The request body needs a 'model' naming one of GET /v1/models", "model_missing")
@@ -64,25 +77,37 @@ def route_by_model(path: str):
         raise body_too_large(service)
     if service.model_name and model != service.model_name:
         payload["model"] = service.model_name  # for backends that check the name they serve
-        body = json.dumps(payload).encode()
+        body = json.dumps(payload).encode()  # no deeper than what json.loads just took
 
     environ = request.environ
-    headers = request_headers(environ, service.upstream_host)
+    trusted = server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
+    headers = request_headers(environ, service.upstream_host, trusted)
     headers["Content-Length"] = str(len(body))
     outgoing = Outgoing("POST", client_target(environ), headers, body)
     return relay(runtime, service, outgoing, environ, loading_events=payload.get("stream") is True)
 
 
-def _read_json_body() -> tuple[bytes, dict]:
+def _read_json_body(cap: int, held: HeldBody) -> tuple[bytes, dict]:
+    """The body (at most ``server.max_json_body``, counted in ``held``) and its JSON object."""
+    too_large = BodyTooLarge(f"Request body over {cap} bytes", hint="server.max_json_body sets the limit")
     length = request.content_length
-    if length is not None and length > _DEFAULT_MAX_JSON_BODY:
-        raise BodyTooLarge(f"Request body over {_DEFAULT_MAX_JSON_BODY} bytes")
-    body = request.stream.read(_DEFAULT_MAX_JSON_BODY + 1)
-    if len(body) > _DEFAULT_MAX_JSON_BODY:
-        raise BodyTooLarge(f"Request body over {_DEFAULT_MAX_JSON_BODY} bytes")
+    stream = request.stream
+    if length is not None:
+        if length > cap:
+            raise too_large  # refused before a byte of it is read
+        held.add(length)
+        body = stream.read(length)
+    else:  # chunked: counted as it comes
+        parts = []
+        while block := stream.read(_BLOCK):
+            if held.size + len(block) > cap:
+                raise too_large
+            held.add(len(block))
+            parts.append(block)
+        body = b"".join(parts)
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise _invalid("The request body must be a JSON object with a 'model'", "invalid_json") from None
     if not isinstance(payload, dict):
         raise _invalid("The request body must be a JSON object with a 'model'", "invalid_json")

@@ -29,7 +29,8 @@ def forward(service_id: str, path: str = ""):
     if service is None:
         raise ServiceNotFound(service_id)
     environ = request.environ
-    headers = request_headers(environ, service.upstream_host)
+    trusted = runtime.config.server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
+    headers = request_headers(environ, service.upstream_host, trusted)
     body = request_body(environ, headers)
     if service.max_body_size is not None:
         body = limit_body(body, service)
