@@ -25,6 +25,7 @@ def create_app(config=None, docker_client=None):
     from .config import config_path, load_config
     from .errors import register_error_handlers
     from .log import register_request_log, setup_logging
+    from .metrics.families import declare
     from .routes import register_routes
     from .runtime import Runtime
 
@@ -38,5 +39,6 @@ def create_app(config=None, docker_client=None):
     if config.server.log_level == "DEBUG":
         register_request_log(app)
     register_routes(app, config)
+    declare(config)  # every bounded series at zero, before the first request
     app.extensions["proxy"].start()
     return app

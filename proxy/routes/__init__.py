@@ -1,15 +1,15 @@
 """The HTTP surfaces, one blueprint each: the service passthrough, the OpenAI front door,
-the admin API and the health check; who may call which is ``auth``'s."""
+the admin API, the health check and the metrics; who may call which is ``auth``'s."""
 from __future__ import annotations
 
 from flask import Flask
 
 from ..config import Config
-from . import admin, health, openai, service
+from . import admin, health, metrics, openai, service
 from .auth import register_auth
 
 
 def register_routes(app: Flask, config: Config) -> None:
     register_auth(app, config.server)  # admin token, API keys: only what is configured
-    for blueprint in (health.bp, service.bp, admin.bp, openai.bp):
+    for blueprint in (health.bp, service.bp, admin.bp, openai.bp, metrics.bp):
         app.register_blueprint(blueprint)

@@ -8,12 +8,14 @@ service and alias with its state.
 from __future__ import annotations
 
 import json
+import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound
+from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
 from ..forwarding.relay import Outgoing, body_too_large, relay
 from ..forwarding.upstream import client_target, request_headers
+from ..metrics.request_meter import RequestMeter
 
 bp = Blueprint("openai", __name__)
 
@@ -39,6 +41,7 @@ def list_models():
 
 @bp.post("/v1/<path:path>")
 def route_by_model(path: str):
+    started = time.monotonic()
     runtime = current_app.extensions["proxy"]
     body, payload = _read_json_body()
     model = payload.get("model")
@@ -49,17 +52,22 @@ def route_by_model(path: str):
         known = [name for name, _ in runtime.config.models()]
         raise ModelNotFound(f"The model '{model}' does not exist; known models: {', '.join(known) or 'none'}",
                             extra={"param": "model", "known_models": known})
-    if service.max_body_size is not None and len(body) > service.max_body_size:
-        raise body_too_large(service)
-    if service.model_name and model != service.model_name:
-        payload["model"] = service.model_name  # for backends that check the name they serve
-        body = json.dumps(payload).encode()
+    meter = RequestMeter(service.id, "openai", started)
+    try:
+        if service.max_body_size is not None and len(body) > service.max_body_size:
+            raise body_too_large(service)
+        if service.model_name and model != service.model_name:
+            payload["model"] = service.model_name  # for backends that check the name they serve
+            body = json.dumps(payload).encode()
 
-    environ = request.environ
-    headers = request_headers(environ, service.upstream_host)
-    headers["Content-Length"] = str(len(body))
-    outgoing = Outgoing("POST", client_target(environ), headers, body)
-    return relay(runtime, service, outgoing, environ, loading_events=payload.get("stream") is True)
+        environ = request.environ
+        headers = request_headers(environ, service.upstream_host)
+        headers["Content-Length"] = str(len(body))
+        outgoing = Outgoing("POST", client_target(environ), headers, body)
+        return relay(runtime, service, outgoing, environ, meter, loading_events=payload.get("stream") is True)
+    except ProxyError as error:
+        meter.refused(error.status)
+        raise
 
 
 def _read_json_body() -> tuple[bytes, dict]:

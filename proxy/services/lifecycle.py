@@ -20,6 +20,7 @@ from ..config import Config, ServiceConfig
 from .containers import ContainerInfo, Containers, docker_epoch
 from ..shared.coordinator import PHASE_NONE, PHASE_STOPPING, Coordinator
 from ..errors import AlreadyRunning, ProxyError, ServiceNotRunning, StartFailed, StartTimeout
+from ..metrics.families import observe_start_stage, record_idle_stop, record_start, record_swap
 from .readiness import probe, wait_ready
 from .container_states import ServiceStates
 from ..forwarding.upstream import UpstreamPool
@@ -123,9 +124,14 @@ class Lifecycle:
         try:
             token = self._make_room(service)
             try:
-                info = self._start(service)
+                info, created = self._start(service)
+                waited_from = time.monotonic()
                 outcome, info = wait_ready(self.pool, service, lambda: self.containers.inspect(service),
                                            service.start_timeout)
+                if created:  # another worker's start is that worker's to count
+                    record_start(service.id, outcome)
+                    if outcome == "ready":
+                        observe_start_stage(service.id, "ready", time.monotonic() - waited_from)
             finally:
                 if token is not None:
                     self.coordinator.unlock_group(service.group, token)
@@ -146,13 +152,16 @@ class Lifecycle:
             logger.exception("starting {} on demand failed", service.id)
             result.set_exception(StartFailed(f"Starting '{service.id}' on demand failed: {exc}", service_id=service.id))
 
-    def _start(self, service: ServiceConfig) -> ContainerInfo:
+    def _start(self, service: ServiceConfig) -> tuple[ContainerInfo, bool]:
+        """The container's info, and whether this call created it."""
         try:
+            began = time.monotonic()
             info = self.containers.start(service)
+            observe_start_stage(service.id, "create", time.monotonic() - began)
             self.states.update(info)
             self.coordinator.touch(service.id)  # so the idle sweep does not stop it at once
             logger.info("starting {} on demand", service.id)
-            return info
+            return info, True
         except AlreadyRunning:
             # Another worker got there first. Docker reserves the name as soon as a create
             # begins, but the container can be inspected only once that create returns: wait
@@ -162,7 +171,10 @@ class Lifecycle:
             while info.status == "not found" and time.monotonic() < deadline:
                 gevent.sleep(0.05)
                 info = self.containers.inspect(service)
-            return info
+            return info, False
+        except ProxyError:
+            record_start(service.id, "failed")
+            raise
 
     # -- exclusive groups --------------------------------------------------------------------
 
@@ -181,7 +193,8 @@ class Lifecycle:
             for other in self._members(group.name):
                 if other.id != service.id and self.containers.inspect(other).status != "not found":
                     logger.info("group {}: making room for {} by stopping {}", group.name, service.id, other.id)
-                    self.stop_drained(other)
+                    if self.stop_drained(other):
+                        record_swap(group.name)
         except BaseException:
             self.coordinator.unlock_group(group.name, token)
             raise
@@ -232,6 +245,7 @@ class Lifecycle:
                 if service.idle_timeout and self._idle(service):
                     try:
                         if self.stop_drained(service):
+                            record_idle_stop(service.id)
                             logger.info("stopped {}: idle for more than {:g} s", service.id, service.idle_timeout)
                     except ProxyError as exc:
                         logger.warning("idle stop of {} failed: {}", service.id, exc.message)
