@@ -114,6 +114,9 @@ def test_every_family_counts_the_traffic_of_both_workers_and_outlives_them(start
             value(samples, "inference_proxy_queued", service="limited")) == (0, 0)
     assert value(samples, "inference_proxy_build_info", version=__version__) == 1
     assert value(samples, "inference_proxy_docker_engine_up") == 0  # this proxy has no engine
+    # The stand-in's own count, relabelled: what it generated for the answers it finished.
+    assert value(samples, "llamacpp:tokens_predicted_total", service="llm") == sum(c for _, c in tokens)
+    assert value(samples, "inference_proxy_backend_scrape_errors_total", service="dead") == 0  # metrics_path: null
 
     # Kill the workers that counted, one after the other: their counts stay.
     before = counted(samples)

@@ -1,5 +1,5 @@
-"""``GET /metrics``: the proxy's families, every worker's, in the Prometheus text format.
-Behind ``server.admin_token`` when it is set (``auth``)."""
+"""``GET /metrics``: the proxy's families, every worker's, and the model servers' own, in
+the Prometheus text format. Behind ``server.admin_token`` when it is set (``auth``)."""
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..metrics import multiproc
+from ..metrics.backends import backend_families
 from ..metrics.collector import ScrapeTimeCollector
 from ..metrics.families import REGISTRY
 
@@ -20,12 +21,14 @@ class _Scrape:
         self._runtime = runtime
 
     def collect(self):
+        backends = backend_families(self._runtime)  # first: its failures count in this scrape
         # Under gunicorn: every worker's files, dead ones' included; else this process's.
         if multiproc.enabled():
             yield from MultiProcessCollector(None).collect()
         else:
             yield from REGISTRY.collect()
         yield from ScrapeTimeCollector(self._runtime).collect()
+        yield from backends
 
 
 @bp.get("/metrics")
