@@ -100,6 +100,8 @@ BACKEND_SCRAPE_ERRORS = Counter(
 _requests: dict[tuple[str, str, int], object] = {}
 _durations: dict[str, object] = {}
 _first_bytes: dict[str, object] = {}
+_tokens: dict[str, tuple[object, object]] = {}
+_speeds: dict[str, object] = {}
 
 
 def declare(config: Config) -> None:
@@ -163,12 +165,18 @@ def record_client_disconnect(service_id: str) -> None:
 
 
 def record_tokens(service_id: str, prompt: int, completion: int) -> None:
-    TOKENS.labels(service_id, "prompt").inc(prompt)
-    TOKENS.labels(service_id, "completion").inc(completion)
+    children = _tokens.get(service_id)
+    if children is None:
+        children = _tokens[service_id] = (TOKENS.labels(service_id, "prompt"), TOKENS.labels(service_id, "completion"))
+    children[0].inc(prompt)
+    children[1].inc(completion)
 
 
 def observe_tokens_per_second(service_id: str, rate: float) -> None:
-    TOKENS_PER_SECOND.labels(service_id).observe(rate)
+    child = _speeds.get(service_id)
+    if child is None:
+        child = _speeds[service_id] = TOKENS_PER_SECOND.labels(service_id)
+    child.observe(rate)
 
 
 # -- the lifecycle side --------------------------------------------------------------------
