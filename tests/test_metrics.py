@@ -162,6 +162,22 @@ def test_a_new_run_of_the_proxy_starts_from_zero(start_backend, start_proxy, tmp
         second.wait(30)
 
 
+def test_a_reload_keeps_the_counts(start_backend, start_proxy, tmp_path):
+    """SIGHUP runs gunicorn.conf.py again and replaces every worker: same directory, same counts."""
+    backend = start_backend()
+    proxy = start_proxy({"llm": service_entry(backend.port, metrics_path=None)}, workers=2,
+                        env={"TMPDIR": str(tmp_path)})
+    for _ in range(3):
+        chat(f"{proxy.url}/service/llm/v1/chat/completions")
+    old_workers = worker_pids(proxy)
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not worker_pids(proxy) & old_workers and len(worker_pids(proxy)) == 2, timeout=30,
+               what="new workers after the reload")
+    wait_for_proxy(proxy)
+    assert value(scrape(proxy), "inference_proxy_requests_total", service="llm", route="service", code="200") == 3
+    assert len(list(tmp_path.glob("inference-proxy-metrics-*"))) == 1
+
+
 def test_tokens_come_from_usage_else_timings_at_the_end_of_answers(start_backend, start_proxy):
     backend = start_backend("--token-delay", "0.005")
     proxy = start_proxy({"llm": service_entry(backend.port, metrics_path=None)})
