@@ -10,7 +10,6 @@ from .services.idle import IdleSweep
 from .services.lifecycle import Lifecycle
 from .shared.coordinator import for_services
 
-
 class Runtime:
     """The config, the Docker side, the upstream pool and the lifecycle owner of one
     worker process."""
@@ -25,6 +24,10 @@ class Runtime:
         self.coordinator = for_services(list(config.services), list(config.groups))
         self.lifecycle = Lifecycle(config, self.containers, self.states, self.coordinator, self.upstream)
         self.idle = IdleSweep(self.lifecycle)
+
+    def service_state(self, service_id: str) -> str:
+        """The lifecycle state, as every answer reports it (no Docker call)."""
+        return self.lifecycle.status(self.config.services[service_id], probe_health=False).state
 
     def start(self) -> None:
         self.states.start()
