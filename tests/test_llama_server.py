@@ -101,6 +101,7 @@ def test_start_chat_streamed_or_not_through_both_doors_then_stop(engine_proxy, l
     health = requests.get(f"{proxy.url}/service/llm/health", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 
+    texts = []
     for base_url in (f"{proxy.url}/service/llm/v1", f"{proxy.url}/v1"):
         with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60) as client:
             whole = client.chat.completions.create(model="llm", messages=MESSAGES, max_tokens=12,
@@ -118,6 +119,8 @@ def test_start_chat_streamed_or_not_through_both_doors_then_stop(engine_proxy, l
             assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
             assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
             assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+            texts.append(text)
+    assert texts[0] == texts[1]  # either door reaches the same llama-server with the same request
 
     stopped = api(proxy, "POST", "/service/llm/stop")
     assert stopped.status_code == 200 and stopped.json()["message"] == "Container 'llm' stopped", stopped.text
