@@ -97,7 +97,7 @@ def slot(proxy, service_id: str = "llm") -> dict:
 def test_start_chat_streamed_or_not_through_both_doors_then_stop(engine_proxy, llama):
     proxy = engine_proxy({"llm": llama()})
     body = start_ready(proxy)
-    assert body["status"] == "ready" and body["ready"] is True
+    assert (body["state"], body["status"], body["ready"]) == ("ready", "running", True)
     health = requests.get(f"{proxy.url}/service/llm/health", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 
@@ -210,7 +210,7 @@ def test_a_client_leaving_mid_generation_frees_the_llama_server_slot(engine_prox
     body = json.dumps({"messages": MESSAGES, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
                        **GREEDY}).encode()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        sock.sendall(b"POST /service/llm/v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+        sock.sendall(b"POST /service/llm/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
                      b"\r\n\r\n" + body)
         recv_until(sock, b"data: ")  # generating
