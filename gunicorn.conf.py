@@ -47,7 +47,7 @@ worker_class = "gevent"
 workers = int(os.environ.get("PROXY_WORKERS", "2"))
 # Requests in flight, queues and swap locks that every worker must agree on: shared memory
 # made here, in the master, so the forked workers inherit it (kept across SIGHUP reloads).
-ensure_installed(list(_config.services), list(_config.groups), max_workers=max(64, 4 * workers))
+ensure_installed(list(_config.services), list(_config.groups), max_workers=max(256, 8 * workers))
 # Metrics every worker adds to (prometheus_client's multiprocess mode): a fresh private
 # directory per run, in the environment before a worker imports prometheus_client.
 multiproc.prepare_directory()

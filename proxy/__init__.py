@@ -24,25 +24,28 @@ def create_app(config=None, docker_client=None):
     from flask import Flask
 
     from .config import config_path, load_config
-    from .config.accepted import accepted
+    from .config.accepted import accepted, previous
     from .errors import register_error_handlers
-    from .forwarding.inbound import register_body_guard
-    from .log import register_request_log, setup_logging
+    from .log import setup_logging
     from .metrics.families import declare
     from .routes import register_routes
+    from .reload import Reloader
     from .runtime import Runtime
 
-    if config is None:
+    from_file = config is None
+    if from_file:
         config = accepted() or load_config(config_path())
     setup_logging(config.server.log_level, config.secrets)
 
     app = Flask(__name__)
     app.extensions["proxy"] = Runtime(config, docker_client=docker_client)
     register_error_handlers(app)
-    if config.server.log_level == "DEBUG":
-        register_request_log(app)
-    register_body_guard(app, config.server)
     register_routes(app, config)
     declare(config)  # every bounded series at zero, before the first request
     app.extensions["proxy"].start()
+    if from_file:  # a config from a file can change under it: watch it
+        reloader = app.extensions["proxy_reloader"] = Reloader(app, config.source)
+        if previous() is not None:
+            reloader.catch_up(previous())
+        reloader.start()
     return app

@@ -104,6 +104,12 @@ class InvalidRequest(ProxyError):
     status, code = 400, "invalid_request"
 
 
+class ConfigInvalid(ProxyError):
+    """A reload's file has problems; ``problems`` lists them, one a line."""
+
+    status, code = 400, "config_invalid"
+
+
 class BodyTooLarge(ProxyError):
     status, code = 413, "body_too_large"
 

@@ -29,6 +29,13 @@ class Runtime:
         """The lifecycle state, as every answer reports it (no Docker call)."""
         return self.lifecycle.status(self.config.services[service_id], probe_health=False).state
 
+    def reconfigure(self, config: Config) -> None:
+        """Serve a reloaded config from the next request on (containers are the reload's)."""
+        self.config = config
+        self.lifecycle.config = config
+        self.coordinator.register(list(config.services), list(config.groups))
+        self.buffered.limit = config.server.max_buffered
+
     def start(self) -> None:
         self.states.start()
         self.idle.start()

@@ -452,25 +452,37 @@ def test_installed_coordinator_is_inherited_by_forked_workers(children):
         worker.call("admit", "llama")
         assert master.in_flight("llama") == 1
 
-        grown = coordination.ensure_installed(["llama", "new"], ["gpu0"])  # a new service
-        assert grown is not master and coordination.installed() is grown
-        local = coordination.for_services(["other"])
-        assert local is not grown and coordination.installed() is grown
-        local.close()
-        grown.close()
+        # A reload that adds a service and a group keeps the coordinator, and its counts.
+        assert coordination.ensure_installed(["llama", "new"], ["gpu0", "gpu1"]) is master
+        assert master.in_flight("llama") == 1
+        worker.call("admit", "new")  # the worker finds the new service's slot by its name
+        assert master.in_flight("new") == 1
         master.close()
     finally:
         coordination.install(None)
     assert coordination.installed() is None
 
 
-def test_unknown_names_raise_key_error(coord):
-    with pytest.raises(KeyError):
-        coord.admit("nope")
-    with pytest.raises(KeyError):
-        coord.try_lock_group("nope", 1.0)
-    with pytest.raises(ValueError):
-        Coordinator.create(["a", "a"], [])
+def test_services_and_groups_take_slots_by_name_shared_by_every_process(coord, children):
+    other = children(coord)
+    other.call("admit", "added-later")  # a name this process has never used
+    assert coord.in_flight("added-later") == 1
+    token = other.call("try_lock_group", "group-added-later", 60.0)
+    assert token and coord.try_lock_group("group-added-later", 60.0) is None
+
+
+def test_the_slots_run_out_with_a_clear_error_and_names_must_fit():
+    small = Coordinator.create(["a", "b"], [], max_workers=2, max_services=2, max_groups=1)
+    try:
+        with pytest.raises(coordination.CoordinatorFull):
+            small.admit("c")
+        assert small.admit("a").admitted  # the known ones still work
+        with pytest.raises(ValueError):
+            small.admit("x" * 64)
+        with pytest.raises(ValueError):
+            Coordinator.create(["a", "a"], [])
+    finally:
+        small.close()
 
 
 def test_queued_waits_yield_to_other_greenlets_under_gevent():

@@ -32,7 +32,7 @@ DOCKER_FAILURES = frozenset({"start_failed", "image_unavailable", "volume_missin
                              "start_timeout", "stop_failed", "docker_unavailable"})
 ADMIN_ROUTES = {"/healthz": {"get"}, "/api/v1/openapi.json": {"get"}, "/api/v1/services": {"get"},
                 "/api/v1/container/{service_id}": {"get"}, "/api/v1/service/{service_id}/start": {"post"},
-                "/api/v1/service/{service_id}/stop": {"post"}}
+                "/api/v1/service/{service_id}/stop": {"post"}, "/api/v1/reload": {"post"}}
 REQUEST_TIMEOUT = 30  # seconds for one call; a start with wait=true on the test image takes about 1
 
 

@@ -13,13 +13,21 @@ from __future__ import annotations
 from .model import Config
 
 _accepted: Config | None = None
+_previous: Config | None = None
 
 
 def accept(config: Config) -> None:
-    global _accepted
+    global _accepted, _previous
+    if _accepted is not None and config is not _accepted:
+        _previous = _accepted
     _accepted = config
 
 
 def accepted() -> Config | None:
     """The config last accepted in this process or the master it was forked from."""
     return _accepted
+
+
+def previous() -> Config | None:
+    """The config accepted before the last one (a SIGHUP reload happened), or None."""
+    return _previous

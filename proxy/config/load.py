@@ -24,7 +24,7 @@ from marshmallow import ValidationError
 
 from .envsubst import expand_tree
 from .fields import UNKNOWN_FIELD
-from .model import LOG_LEVELS, Config, ConfigError
+from .model import LOG_LEVELS, Config, ConfigError, text_digest
 from .schema import ConfigSchema
 
 DEFAULT_CONFIG_PATH = "config.yaml"
@@ -106,7 +106,8 @@ def load_config_text(text: str, source: str = DEFAULT_CONFIG_PATH,
     if log_level:
         server = dataclasses.replace(server, log_level=log_level)
     return Config(server=server, services=types.MappingProxyType(services), source=source,
-                  groups=types.MappingProxyType(groups), expanded_values=frozenset(expanded))
+                  groups=types.MappingProxyType(groups), expanded_values=frozenset(expanded),
+                  digest=text_digest(text))
 
 
 def _load_document(text: str, source: str, environ: Mapping[str, str]):

@@ -6,6 +6,7 @@ default written here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import types
 from collections.abc import Mapping
@@ -28,6 +29,10 @@ class _TypeDefault:
 
 TYPE_DEFAULT = _TypeDefault()
 NULL_MEANS_OFF = frozenset({"metrics_path"})  # per-type keys where an explicit null turns the feature off
+
+
+# The service fields that shape its container.
+CONTAINER_FIELDS = ("type", "image", "port", "container_port", "args", "volumes", "environment", "resources")
 
 
 class ConfigError(Exception):
@@ -103,8 +108,13 @@ class ServiceConfig:
         """Where the proxy reaches the container: its port, published on loopback."""
         return f"127.0.0.1:{self.port}"
 
+    def shape(self) -> dict:
+        """What shapes the container (a change needs a new one); the rest is the proxy's own
+        business (timeouts, limits, aliases, ...) and applies to new requests at once."""
+        return {name: value for name, value in self.to_dict().items() if name in CONTAINER_FIELDS}
+
     def to_dict(self) -> dict:
-        """A plain JSON-able dict (for hashing what shapes the container)."""
+        """A plain JSON-able dict."""
         data = dataclasses.asdict(self)
         data["args"] = list(self.args)
         data["aliases"] = list(self.aliases)
@@ -123,6 +133,7 @@ class ServerConfig:
     container_prefix: str = "inference-proxy"  # containers are named <prefix>-<service id>
     # Secrets: kept out of repr() so a logged config never shows them.
     admin_token: str | None = field(default=None, repr=False)  # None: /api/v1 is open
+    watch_config: bool = True  # reload when the config file changes
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /service/... is open
     # Browsers (proxy/routes/cross_site.py). Host names answered besides localhost, the loopback
     # addresses and `host`, which always are; "*": any. Against DNS rebinding.
@@ -168,6 +179,8 @@ class Config:
     groups: Mapping[str, GroupConfig] = field(default_factory=lambda: types.MappingProxyType({}))
     # What ${VAR} references brought in from the environment (the loader fills it in).
     expanded_values: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    # A digest of the text it was read from (0: not from a text): a reload compares it.
+    digest: int = field(default=0, compare=False)
     # (model name, service) for every id and alias, in file order; built once, from services
     _models: tuple[tuple[str, ServiceConfig], ...] = field(init=False, repr=False, compare=False)
     _by_model: Mapping[str, ServiceConfig] = field(init=False, repr=False, compare=False)
@@ -199,3 +212,8 @@ class Config:
     def models(self) -> list[tuple[str, ServiceConfig]]:
         """Every model name with its service, in file order: each id, then its aliases."""
         return list(self._models)
+
+
+def text_digest(text: str) -> int:
+    """A 60-bit digest of a config text, to fit the coordinator's int64 cells."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)

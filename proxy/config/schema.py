@@ -107,6 +107,7 @@ class ServerSchema(StrictSchema):
         r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z",
         error="Must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit."))
     admin_token = Token()
+    watch_config = fields.Boolean()
     api_keys = fields.List(Token())
     allowed_hosts = fields.List(HostName())
     cors_origins = fields.List(Origin())

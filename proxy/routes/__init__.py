@@ -6,13 +6,29 @@ from __future__ import annotations
 from flask import Flask
 
 from ..config import Config
+from ..forwarding.inbound import register_body_guard
+from ..log import register_request_log
 from . import admin, health, metrics, openai, service
 from .auth import register_auth
 from .cross_site import register_cross_site
 
 
 def register_routes(app: Flask, config: Config) -> None:
-    register_cross_site(app, config.server)  # Host and Origin: before any route or credential
-    register_auth(app, config.server)  # admin token, API keys: only what is configured
     for blueprint in (health.bp, service.bp, admin.bp, openai.bp, metrics.bp):
         app.register_blueprint(blueprint)
+    install_policies(app, config)
+
+
+def install_policies(app: Flask, config: Config) -> None:
+    """(Re)install the per-request checks a config decides: the request log at DEBUG, the
+    body guard, Host and Origin, then credentials. A reload calls it again: the previous
+    checks are replaced whole, between two requests (one assignment each)."""
+    fresh = Flask(app.import_name)  # collects the hooks, then hands them over at once
+    server = config.server
+    if server.log_level == "DEBUG":
+        register_request_log(fresh)
+    register_body_guard(fresh, server)
+    register_cross_site(fresh, server)  # Host and Origin: before any route or credential
+    register_auth(fresh, server)  # admin token, API keys: only what is configured
+    app.before_request_funcs = fresh.before_request_funcs
+    app.after_request_funcs = fresh.after_request_funcs

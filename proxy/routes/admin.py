@@ -9,7 +9,8 @@ from flask import Blueprint, current_app, jsonify, request
 from loguru import logger
 
 from ..config import ServiceConfig
-from ..errors import InvalidRequest, ServiceNotFound, StartTimeout
+from ..config.diff import ConfigChange
+from ..errors import ConfigInvalid, InvalidRequest, ServiceNotFound, StartTimeout
 from ..services.engine import config_hash
 from ..services.states import READY
 from .openapi import document
@@ -20,6 +21,7 @@ _DEFAULT_WAIT_SECONDS = 300.0
 _MAX_WAIT_SECONDS = 3600.0
 _ACCEPT_WAIT = 2.5  # seconds a start without wait may take to be under way before the answer
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_CHANGE_KINDS = tuple(ConfigChange.__dataclass_fields__)
 _ENGINE_WORDS = {True: "reachable", False: "unreachable", None: "unknown"}  # None: not asked yet
 
 
@@ -127,6 +129,24 @@ def list_services():
     # Health probes run side by side so one slow service does not hold up the list.
     reports = gevent.pool.Pool(16).map(lambda service: report(runtime, service), services) if services else []
     return jsonify(services=reports)
+
+
+@bp.post("/reload")
+def reload_config():
+    """Read, check and apply the config file now; every worker follows within a second."""
+    reloader = current_app.extensions.get("proxy_reloader")
+    if reloader is None:
+        raise InvalidRequest("This proxy was given its config directly, not from a file: nothing to reload",
+                             code="reload_unavailable")
+    outcome = reloader.reload()
+    if outcome.problems:
+        raise ConfigInvalid(f"The config file has {len(outcome.problems)} problem(s); nothing was changed",
+                            extra={"problems": list(outcome.problems)},
+                            hint="Fix the file and reload again; the running config stays in force")
+    _runtime().coordinator.request_reload()  # the other workers reload now, watched or not
+    change = outcome.change.to_dict() if outcome.change is not None else None
+    message = "Configuration reloaded" if change is not None else "Configuration unchanged"
+    return jsonify(message=message, changed=change or {kind: [] for kind in _CHANGE_KINDS}), 200
 
 
 @bp.get("/openapi.json")

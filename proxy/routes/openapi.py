@@ -79,6 +79,8 @@ ERROR = {
                 "service_id": _nullable({"type": "string"}, "The service concerned, if any."),
                 "source": {"type": "string", "enum": ["proxy"]},
                 "hint": {"type": "string", "description": "A plain next step."},
+                "problems": {"type": "array", "items": {"type": "string"},
+                             "description": "config_invalid: every problem of the file, one a line."},
                 "last_status": {"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}],
                                 "description": "start_timeout of a start that waited: the last status seen."},
                 "exit_code": _nullable({"type": "integer"}, "container_exited, oom_killed, start_timeout: "
@@ -194,6 +196,24 @@ def _paths() -> dict:
                 "503": _DOCKER_DOWN,
                 "504": _error(504, {"start_timeout": "not ready in time (the wait's timeout, or the service's "
                                                      "start_timeout); see error.last_status"}),
+            },
+        }},
+        "/api/v1/reload": {"post": {
+            "operationId": "reload", "tags": ["admin"],
+            "summary": "Read, check and apply the config file now (every worker follows within a second)",
+            "responses": {
+                "200": _json({"type": "object", "required": ["message", "changed"], "properties": {
+                    "message": {"type": "string"},
+                    "changed": {"type": "object", "description": "Service ids per kind of change, and server "
+                                "settings changed (needs_restart: only a restart applies them).",
+                                "properties": {kind: {"type": "array", "items": {"type": "string"}}
+                                               for kind in ("added", "removed", "restarted", "updated", "server",
+                                                            "needs_restart")}},
+                }}, "Applied (or unchanged)."),
+                "400": _error(400, {"config_invalid": "the file has problems (error.problems lists them); nothing "
+                                                      "changed",
+                                    "reload_unavailable": "the proxy was not started from a config file",
+                                    **_HOST_NOT_ALLOWED}),
             },
         }},
         "/api/v1/service/{service_id}/stop": {"post": {

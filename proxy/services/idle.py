@@ -22,8 +22,7 @@ class IdleSweep:
         self._loop = None
 
     def start(self) -> None:
-        if any(s.idle_timeout for s in self.lifecycle.config.services.values()):
-            self._loop = gevent.spawn(self._run)
+        self._loop = gevent.spawn(self._run)  # always: a reload may give a service an idle_timeout
 
     def stop(self) -> None:
         if self._loop is not None:

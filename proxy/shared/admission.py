@@ -39,7 +39,7 @@ class Admission:
 
     @property
     def service_id(self) -> str:
-        return self._coordinator.service_ids[self._service]
+        return self._coordinator.service_name(self._service)
 
     @property
     def admitted(self) -> bool:

@@ -53,8 +53,9 @@ from .admission import CANCELLED, IN_FLIGHT, QUEUED, REJECTED, Admission
 from .processes import alive, start_time
 
 MAGIC = 0x5052_4F58_4343_0001  # "PROXCC", layout version 1
-_HEADER = 8  # int64 slots: magic, services, groups, rows, rows used, last token, spare
-_H_MAGIC, _H_SERVICES, _H_GROUPS, _H_ROWS, _H_USED, _H_TOKEN = range(6)
+_NAME = 64  # bytes a service id or group name may take in the name tables (ids are 1-63 chars)
+_HEADER = 8  # int64 slots: magic, services, groups, rows, rows used, last token, config, reloads
+_H_MAGIC, _H_SERVICES, _H_GROUPS, _H_ROWS, _H_USED, _H_TOKEN, _H_CONFIG, _H_RELOADS = range(8)
 _BUSY = (errno.EACCES, errno.EAGAIN)
 _LOCK_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
 
@@ -91,32 +92,37 @@ class Coordinator:
     """Shared counters for a fixed set of services and groups; see the module docstring."""
 
     @classmethod
-    def create(cls, service_ids: Sequence[str], group_names: Sequence[str] = (),
-               max_workers: int = 64) -> "Coordinator":
+    def create(cls, service_ids: Sequence[str] = (), group_names: Sequence[str] = (),
+               max_workers: int = 64, max_services: int = 256, max_groups: int = 64) -> "Coordinator":
         """Make a coordinator in fresh shared memory.
 
         Call it before forking (in the gunicorn master) so the workers share it.
         ``max_workers`` bounds the processes using it at once: gunicorn's workers, plus
         the old ones still draining during a reload, plus the master if it uses it.
+        Services and groups take a slot by name on first use (a config reload may add
+        some); ``service_ids`` and ``group_names`` take theirs at once.
         """
         service_ids, group_names = list(service_ids), list(group_names)
         for kind, names in (("service", service_ids), ("group", group_names)):
             if len(set(names)) != len(names):
                 raise ValueError(f"duplicate {kind} names: {names}")
-        if max_workers < 1:
-            raise ValueError("max_workers must be at least 1")
-        return cls(service_ids, group_names, max_workers)
+        if min(max_workers, max_services, max_groups) < 1:
+            raise ValueError("max_workers, max_services and max_groups must be at least 1")
+        coordinator = cls(max_workers, max_services, max_groups)
+        coordinator.register(service_ids, group_names)
+        return coordinator
 
-    def __init__(self, service_ids: list[str], group_names: list[str], max_workers: int):
-        services, groups, rows = len(service_ids), len(group_names), max_workers
-        self.service_ids = tuple(service_ids)
-        self.group_names = tuple(group_names)
+    def __init__(self, max_workers: int, max_services: int, max_groups: int):
+        services, groups, rows = max_services, max_groups, max_workers
         self.max_workers = rows
-        self._services = {sid: i for i, sid in enumerate(service_ids)}
-        self._groups = {name: i for i, name in enumerate(group_names)}
+        self.max_services, self.max_groups = services, groups
+        self._services: dict[str, int] = {}  # name -> slot, as this process has looked them up
+        self._groups: dict[str, int] = {}
+        self._service_names: dict[int, str] = {}
 
         # int64 layout
         self._stride = stride = 2 + 2 * services  # pid, birth, in_flight[S], waiting[S]
+        self._waiting = 2 + services  # where a row's waiting counts begin
         self._rows = _HEADER
         self._tickets = self._rows + rows * stride  # next queue ticket per service
         self._phase = self._tickets + services
@@ -134,13 +140,16 @@ class Coordinator:
         self._failed_at = self._last_reap + 1  # time.time() of the last failure per service
         floats = self._failed_at + services
 
-        size = 8 * (ints + floats)
+        # name tables: the service or group each slot belongs to, NUL-padded
+        self._group_names_at = _NAME * services
+        size = 8 * (ints + floats) + _NAME * (services + groups)
         self._file = _shared_file(size)
         self._fd = self._file.fileno()
         self._mmap = mmap.mmap(self._fd, size)  # MAP_SHARED: forked children see our writes
         view = memoryview(self._mmap)
         self._int = view[:8 * ints].cast("q")
-        self._float = view[8 * ints:].cast("d")
+        self._float = view[8 * ints:8 * (ints + floats)].cast("d")
+        self._names = view[8 * (ints + floats):]
         self._zero_row = array.array("q", bytes(8 * stride))
         header = self._int
         header[_H_MAGIC], header[_H_SERVICES], header[_H_GROUPS], header[_H_ROWS] = MAGIC, services, groups, rows
@@ -160,15 +169,59 @@ class Coordinator:
         _instances.discard(self)
         self._int.release()
         self._float.release()
+        self._names.release()
         self._mmap.close()
         self._file.close()
 
     def __repr__(self) -> str:
-        return f"<Coordinator services={len(self.service_ids)} groups={len(self.group_names)} rows={self.max_workers}>"
+        return f"<Coordinator services={self.max_services} groups={self.max_groups} rows={self.max_workers}>"
 
-    def covers(self, service_ids, group_names=()) -> bool:
-        """Whether every service and group named is known here."""
-        return all(s in self._services for s in service_ids) and all(g in self._groups for g in group_names)
+    # -- slots by name ---------------------------------------------------------------------
+
+    def register(self, service_ids: Sequence[str] = (), group_names: Sequence[str] = ()) -> None:
+        """Give these services and groups their slots now, not on first use."""
+        for service_id in service_ids:
+            self._service_slot(service_id)
+        for group in group_names:
+            self._group_slot(group)
+
+    def _service_slot(self, service_id: str) -> int:
+        slot = self._services.get(service_id)
+        if slot is None:
+            slot = self._services[service_id] = self._slot(service_id, 0, self.max_services, "service")
+            self._service_names[slot] = service_id
+        return slot
+
+    def _group_slot(self, group: str) -> int:
+        slot = self._groups.get(group)
+        if slot is None:
+            slot = self._groups[group] = self._slot(group, self._group_names_at, self.max_groups, "group")
+        return slot
+
+    def service_name(self, slot: int) -> str:
+        return self._service_names[slot]
+
+    def _slot(self, name: str, table: int, capacity: int, kind: str) -> int:
+        """The slot holding ``name`` in a name table, claimed when it has none. Slots are
+        never given back: a counter of a service removed by a reload and added again
+        goes on where it was."""
+        encoded = name.encode()
+        if not 0 < len(encoded) < _NAME:
+            raise ValueError(f"{kind} name must be 1-{_NAME - 1} bytes: {name!r}")
+        entry = encoded.ljust(_NAME, b"\0")
+        names = self._names
+        self._lock()
+        try:
+            for slot in range(capacity):
+                at = table + slot * _NAME
+                if names[at] == 0:  # the first free slot: names are claimed in order
+                    names[at:at + _NAME] = entry
+                    return slot
+                if names[at:at + _NAME] == entry:
+                    return slot
+        finally:
+            self._unlock()
+        raise CoordinatorFull(f"all {capacity} {kind} slots of the coordinator are taken; restart the proxy")
 
     # -- admission (the request hot path) -------------------------------------------------
 
@@ -186,7 +239,7 @@ class Coordinator:
         lock as ``set_phase``): a stopper that set a phase and then sees no request in
         flight is sure every later request sees its phase.
         """
-        s = self._services[service_id]
+        s = self._service_slot(service_id)
         base = self._base if self._base >= 0 else self._claim()
         reaped = False
         while True:
@@ -206,7 +259,7 @@ class Coordinator:
                     elif max_queue and waiting < max_queue:
                         ticket = ints[self._tickets + s]
                         ints[self._tickets + s] = ticket + 1
-                        ints[base + 2 + len(self.service_ids) + s] += 1
+                        ints[base + 2 + self._waiting - 2 + s] += 1
                         state = QUEUED
                     else:
                         state = REJECTED
@@ -224,7 +277,7 @@ class Coordinator:
         ints, stride = self._int, self._stride
         start = self._rows + 2 + s
         stop = self._rows + ints[_H_USED] * stride
-        waiting_start = start + len(self.service_ids)
+        waiting_start = start + self._waiting - 2
         return sum(ints[start:stop:stride]), sum(ints[waiting_start:stop:stride])
 
     def _try_grant(self, admission: "Admission") -> bool:
@@ -243,7 +296,7 @@ class Coordinator:
             if free <= 0 or rank >= free:
                 return False
             base = self._base
-            self._int[base + 2 + len(self.service_ids) + s] -= 1
+            self._int[base + 2 + self._waiting - 2 + s] -= 1
             self._int[base + 2 + s] += 1
             admission.state = IN_FLIGHT
             admission.phase = self._int[self._phase + s]
@@ -256,7 +309,7 @@ class Coordinator:
         self._lock()
         try:
             if admission.state is QUEUED:
-                self._int[self._base + 2 + len(self.service_ids) + admission._service] -= 1
+                self._int[self._base + 2 + self._waiting - 2 + admission._service] -= 1
                 admission.state = CANCELLED
         finally:
             self._unlock()
@@ -265,11 +318,11 @@ class Coordinator:
 
     def in_flight(self, service_id: str) -> int:
         """Requests of this service in flight, across live processes."""
-        return self._counts(self._services[service_id])[0]
+        return self._counts(self._service_slot(service_id))[0]
 
     def waiting(self, service_id: str) -> int:
         """Requests of this service waiting for a slot, across live processes."""
-        return self._counts(self._services[service_id])[1]
+        return self._counts(self._service_slot(service_id))[1]
 
     def _counts(self, s: int) -> tuple[int, int]:
         self._reap(0)
@@ -281,20 +334,20 @@ class Coordinator:
 
     def last_activity(self, service_id: str) -> float:
         """time.time() of the latest admission, start or end of a request, or touch; 0.0 if never."""
-        return self._float[self._activity + self._services[service_id]]
+        return self._float[self._activity + self._service_slot(service_id)]
 
     def touch(self, service_id: str) -> None:
         """Stamp activity without a request (say, when the service was just started)."""
-        self._float[self._activity + self._services[service_id]] = time.time()
+        self._float[self._activity + self._service_slot(service_id)] = time.time()
 
     # -- phases ----------------------------------------------------------------------------
 
     def phase(self, service_id: str) -> int:
-        return self._int[self._phase + self._services[service_id]]
+        return self._int[self._phase + self._service_slot(service_id)]
 
     def set_phase(self, service_id: str, phase: int, expect: int | None = None) -> bool:
         """Set the phase; with ``expect``, only if it currently is ``expect`` (compare-and-set)."""
-        s = self._services[service_id]
+        s = self._service_slot(service_id)
         birth = self._my_birth()
         self._lock()
         try:
@@ -312,7 +365,7 @@ class Coordinator:
     def phase_info(self, service_id: str) -> PhaseInfo:
         """The phase with who set it and when: a phase whose owner died can be reset
         with ``set_phase(id, PHASE_NONE, expect=info.phase)``."""
-        s = self._services[service_id]
+        s = self._service_slot(service_id)
         ints = self._int
         phase, pid, birth = ints[self._phase + s], ints[self._phase_pid + s], ints[self._phase_birth + s]
         since = self._float[self._phase_since + s]
@@ -322,22 +375,48 @@ class Coordinator:
 
     def ready_token(self, service_id: str) -> int:
         """The token ``set_ready`` stored: whose container answered its health check."""
-        return self._int[self._ready + self._services[service_id]]
+        return self._int[self._ready + self._service_slot(service_id)]
 
     def set_ready(self, service_id: str, token: int) -> None:
-        self._int[self._ready + self._services[service_id]] = token  # one aligned store: atomic
+        self._int[self._ready + self._service_slot(service_id)] = token  # one aligned store: atomic
 
     def failure(self, service_id: str) -> tuple[int, float]:
         """(code, time.time()) of the last failed start; code 0 when the last start did not fail."""
-        s = self._services[service_id]
+        s = self._service_slot(service_id)
         return self._int[self._failure + s], self._float[self._failed_at + s]
 
     def set_failure(self, service_id: str, code: int) -> None:
-        s = self._services[service_id]
+        s = self._service_slot(service_id)
         self._lock()
         try:
             self._float[self._failed_at + s] = time.time()
             self._int[self._failure + s] = code
+        finally:
+            self._unlock()
+
+    # -- config reloads --------------------------------------------------------------------
+
+    def claim_config(self, digest: int) -> bool:
+        """Whether this process is the first to apply the config with this digest to the
+        containers (every worker reloads; one acts)."""
+        self._lock()
+        try:
+            if self._int[_H_CONFIG] == digest:
+                return False
+            self._int[_H_CONFIG] = digest
+            return True
+        finally:
+            self._unlock()
+
+    def reload_requests(self) -> int:
+        """How many reloads were asked for (by the admin API in any worker)."""
+        return self._int[_H_RELOADS]
+
+    def request_reload(self) -> int:
+        self._lock()
+        try:
+            self._int[_H_RELOADS] += 1
+            return self._int[_H_RELOADS]
         finally:
             self._unlock()
 
@@ -349,7 +428,7 @@ class Coordinator:
         A lock whose owner process died, or that was taken or renewed more than
         ``stale_after`` seconds ago, is taken over.
         """
-        g = self._groups[group]
+        g = self._group_slot(group)
         at = self._group + 3 * g
         ints = self._int
         pid, birth, token = ints[at], ints[at + 1], ints[at + 2]
@@ -382,7 +461,7 @@ class Coordinator:
 
     def unlock_group(self, group: str, token: int) -> bool:
         """Release the lock if ``token`` still holds it; False if it was taken over."""
-        g = self._groups[group]
+        g = self._group_slot(group)
         at = self._group + 3 * g
         self._lock()
         try:
@@ -524,29 +603,23 @@ def installed() -> Coordinator | None:
 
 
 def ensure_installed(service_ids: Sequence[str], group_names: Sequence[str] = (),
-                     max_workers: int = 64) -> Coordinator:
-    """In the gunicorn master: install a coordinator for these services and groups.
-
-    gunicorn runs its config file again on a reload (SIGHUP): the installed one is kept
-    while it knows every service and group, so old and new workers keep agreeing.
-    """
+                     max_workers: int = 256) -> Coordinator:
+    """In the gunicorn master: install a coordinator and give these services and groups
+    their slots. gunicorn runs its config file again on a reload (SIGHUP): the installed one
+    is kept, and new services and groups take slots in it, so old and new workers keep
+    counting together."""
     current = installed()
-    if current is not None and current.covers(service_ids, group_names) \
-            and current.max_workers >= max_workers:
-        return current
-    install(Coordinator.create(service_ids, group_names, max_workers))
+    if current is None or current.max_workers < max_workers:
+        install(Coordinator.create(max_workers=max_workers))
+    installed().register(service_ids, group_names)
     return installed()
 
 
 def for_services(service_ids: Sequence[str], group_names: Sequence[str] = ()) -> Coordinator:
-    """In a worker (``create_app``): the installed coordinator if it knows these services
-    and groups, else a new process-local one (not installed, so apps made in one test
-    process do not share counters)."""
+    """In a worker (``create_app``): the installed coordinator, else a new process-local
+    one (not installed, so apps made in one test process do not share counters)."""
     current = installed()
-    if current is not None:
-        if current.covers(service_ids, group_names):
-            return current
-        from loguru import logger
-        logger.warning("the shared coordinator lacks some services or groups (config changed since "
-                       "gunicorn started?): limits and counts are per worker until a reload")
-    return Coordinator.create(service_ids, group_names, max_workers=8)
+    if current is None:
+        return Coordinator.create(service_ids, group_names, max_workers=8)
+    current.register(service_ids, group_names)
+    return current

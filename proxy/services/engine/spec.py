@@ -24,11 +24,6 @@ LABEL_INSTANCE = "io.inference-proxy.instance"
 LABEL_SERVICE = "io.inference-proxy.service"
 LABEL_CONFIG_HASH = "io.inference-proxy.config-hash"
 
-# What shapes the container; timeouts, health paths and body limits are the proxy's own
-# business, so changing them does not make a running container stale.
-_CONTAINER_FIELDS = ("type", "image", "port", "container_port", "args", "volumes", "environment", "resources")
-
-
 @dataclass(frozen=True)
 class ContainerInfo:
     """What Docker says about one service's container (status "not found" when none)."""
@@ -65,8 +60,7 @@ def info_of(attrs: dict, service_id: str | None = None) -> ContainerInfo:
 
 def config_hash(service: ServiceConfig) -> str:
     """A short, stable digest of everything that shapes the container."""
-    shaping = {name: value for name, value in service.to_dict().items() if name in _CONTAINER_FIELDS}
-    encoded = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
+    encoded = json.dumps(service.shape(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()[:16]
 
 
