@@ -220,3 +220,34 @@ def test_a_swap_drains_and_stops_the_running_member_before_the_new_one_starts(co
     assert engine.log[1][2] == frozenset()  # when "b" started, nothing else ran
     assert lifecycle.status(config.services["b"]).state == READY
     assert lifecycle.status(config.services["a"]).state == STOPPED
+
+
+# -- background loops outlive their errors ----------------------------------------------------
+
+class _FlakyLifecycle:
+    """A lifecycle whose first stop fails as an engine answering 500 would (not a ProxyError)."""
+
+    def __init__(self, config, coordinator, engine):
+        self.config, self.coordinator, self.states = config, coordinator, _StatesFromEngine(engine)
+        self.stops = 0
+
+    def stop(self, service, drain=True, only_if_idle=False):
+        self.stops += 1
+        if self.stops == 1:
+            raise docker.errors.APIError("500 Server Error: engine hiccup")
+        return lifecycle_module.StopOutcome(True, self.states.get(service.id))
+
+
+def test_the_idle_sweep_outlives_an_unexpected_engine_error(config, coordinator, monkeypatch):
+    from proxy.services import idle
+    monkeypatch.setattr(idle, "_CHECK_EVERY", 0.05)
+    engine = _RecordingEngine(running={"llm"})
+    flaky = _FlakyLifecycle(config, coordinator, engine)
+    sweep = idle.IdleSweep(flaky)
+    monkeypatch.setattr(sweep, "seconds_left", lambda service: 0.0 if service.id == "llm" else None)
+    sweep.start()
+    try:
+        gevent.sleep(0.5)
+    finally:
+        sweep.stop()
+    assert flaky.stops >= 2  # before: the first error ended the sweeps for good
