@@ -256,3 +256,41 @@ def test_a_missing_model_file_is_500_container_exited_with_llama_servers_own_wor
     logs = error["logs"]
     assert isinstance(logs, list) and 0 < len(logs) <= 30 and all(isinstance(line, str) for line in logs), logs
     assert any("/models/nope.gguf" in line and "failed to open GGUF file" in line for line in logs), logs
+
+
+# -- the proxy's metrics from the real server ------------------------------------------------------
+
+def _families(proxy) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = requests.get(f"{proxy.url}/metrics", headers=CLOSE, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {family.name: family for family in text_string_to_metric_families(answer.text)}
+
+
+def _value(families: dict, family: str, sample: str, **labels) -> float | None:
+    for found in families[family].samples:
+        if found.name == sample and all(found.labels.get(k) == v for k, v in labels.items()):
+            return found.value
+    return None
+
+
+def test_token_counts_and_llama_servers_own_metrics_reach_the_proxys_metrics(engine_proxy, llama):
+    proxy = engine_proxy({"llm": llama("--metrics")})
+    start_ready(proxy)
+    body = {"model": "llm", "messages": MESSAGES, "max_tokens": 9, "stream": True,
+            "stream_options": {"include_usage": True}, **GREEDY}
+    with requests.post(f"{proxy.url}/v1/chat/completions", json=body, headers=CLOSE, stream=True,
+                       timeout=60) as answer:
+        events = data_events(list(sse_lines(answer, chunk_size=None)))
+    usage = events[-1]["usage"]
+    unstreamed = requests.post(f"{proxy.url}/v1/chat/completions", headers=CLOSE, timeout=60,
+                               json={**body, "stream": False, "max_tokens": 5}).json()["usage"]
+    families = _families(proxy)
+    assert _value(families, "inference_proxy_tokens", "inference_proxy_tokens_total", service="llm",
+                  kind="completion") == usage["completion_tokens"] + unstreamed["completion_tokens"] == 14
+    assert _value(families, "inference_proxy_tokens", "inference_proxy_tokens_total", service="llm",
+                  kind="prompt") == usage["prompt_tokens"] + unstreamed["prompt_tokens"]
+    # llama-server's own families, relabelled with the service they came from
+    assert _value(families, "llamacpp:tokens_predicted", "llamacpp:tokens_predicted_total", service="llm") == 14
+    assert _value(families, "llamacpp:requests_processing", "llamacpp:requests_processing", service="llm") == 0
