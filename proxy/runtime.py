@@ -1,7 +1,10 @@
 """Per-process runtime: the parts one worker needs, made lazily after gevent patched it."""
 from __future__ import annotations
 
+import gevent
+
 from .config import Config
+from .metrics import families as metrics
 from .forwarding.inbound import BufferBudget
 from .forwarding.upstream import UpstreamPool
 from .services.container_states import ContainerStates
@@ -39,9 +42,12 @@ class Runtime:
     def start(self) -> None:
         self.states.start()
         self.idle.start()
+        self._flusher = gevent.spawn(metrics.keep_flushing)
 
     def close(self) -> None:
         """Stop the background loops and close the pooled connections (a worker exiting)."""
+        self._flusher.kill(block=False)
+        metrics.flush()  # the last counts of this worker
         self.idle.stop()
         self.states.stop()
         self.upstream.close()

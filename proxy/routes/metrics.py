@@ -9,7 +9,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from ..metrics import multiproc
 from ..metrics.backends import backend_families
 from ..metrics.collector import ScrapeTimeCollector
-from ..metrics.families import REGISTRY
+from ..metrics.families import REGISTRY, flush
 
 bp = Blueprint("metrics", __name__)
 
@@ -33,5 +33,6 @@ class _Scrape:
 
 @bp.get("/metrics")
 def metrics():
+    flush()  # this worker's latest counts; the others' are at most FLUSH_EVERY old
     body = generate_latest(_Scrape(current_app.extensions["proxy"]))
     return Response(body, status=200, content_type=CONTENT_TYPE_PLAIN_0_0_4)
