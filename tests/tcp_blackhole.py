@@ -2,7 +2,12 @@
 in time (they close themselves after ``lifetime`` seconds):
 
 - ``SilentServer`` accepts TCP connections and never says a word (a blackholed address,
-  or a hung engine's port).
+  or a hung engine's port);
+- ``BlackholeRelay`` relays TCP to a real engine's unix socket until ``blackhole()``: from
+  then on nothing passes on the open connections, and new ones are accepted and never
+  answered, as if the network between proxy and engine dropped every packet. ``heal()``
+  lets the open connections flow again and relays new ones; those accepted meanwhile stay
+  unanswered for good (lost in the blackhole).
 """
 from __future__ import annotations
 
@@ -50,3 +55,49 @@ class SilentServer:
             held, self._held = self._held, []
         for connection in held:
             connection.close()
+
+
+class BlackholeRelay(SilentServer):
+    def __init__(self, unix_socket: str, lifetime: float = 120.0):
+        super().__init__(lifetime)
+        self.unix_socket = unix_socket
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    def blackhole(self) -> None:
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        super().close()
+        self._flowing.set()  # the pumps held in the blackhole find their sockets closed and end
+
+    def _accepted(self, connection: socket.socket) -> None:
+        if not self._flowing.is_set():
+            self._hold(connection)
+            return
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(self.unix_socket)
+        except OSError:
+            connection.close()
+            return
+        self._hold(connection)
+        self._hold(upstream)
+        for source, target in ((connection, upstream), (upstream, connection)):
+            threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self._flowing.wait()  # in the blackhole: held until it heals
+                target.sendall(data)
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            for end in (source, target):  # one side is gone: so is the link
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

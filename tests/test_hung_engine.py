@@ -21,7 +21,7 @@ import requests
 from conftest import free_port, service_entry, wait_until
 from engine_api import error_of, start_ready
 from engines import frozen
-from tcp_blackhole import SilentServer
+from tcp_blackhole import BlackholeRelay, SilentServer
 
 ANSWER_WITHIN = 3.0  # seconds: the contract for every admin call while the engine does not answer
 
@@ -207,6 +207,35 @@ def test_an_unreachable_tcp_engine_gets_admin_answers_within_3_s_and_the_proxy_s
     docker_unavailable(quick(proxy, "POST", "/api/v1/service/llm/start", params={"wait": "true"}), "llm")
     docker_unavailable(quick(proxy, "POST", "/api/v1/service/llm/stop"), "llm")
     assert quick(proxy, "GET", "/healthz").json()["docker_reachable"] is False
+
+
+@pytest.mark.engine
+def test_a_blackholed_tcp_engine_gets_answers_within_3_s_and_all_recovers_when_it_heals(
+        start_proxy, second_engine, second_engine_prefix):
+    relay = BlackholeRelay(str(second_engine.spec.socket)).start()
+    try:
+        services = {name: service_entry(free_port()) for name in ("llm", "other")}
+        proxy = start_proxy(services, docker_host=relay.docker_host, prefix=second_engine_prefix)
+        start_ready(proxy)
+        relay.blackhole()
+        wait_until(lambda: engine_word(proxy) == "unreachable", timeout=ANSWER_WITHIN, interval=0.1,
+                   what="the status to mark the engine unreachable")
+        assert quick(proxy, "GET", "/api/v1/container/llm").json()["state"] == "ready"
+        docker_unavailable(quick(proxy, "POST", "/api/v1/service/llm/stop"), "llm")
+        docker_unavailable(quick(proxy, "POST", "/api/v1/service/other/start"), "other")
+        assert quick(proxy, "GET", "/service/llm/v1/models").status_code == 200
+        time.sleep(1.0)  # the events stream is asked for again meanwhile, into the blackhole
+
+        relay.heal()  # what was asked in the blackhole stays unanswered: only asking again helps
+        wait_until(lambda: engine_word(proxy) == "reachable", timeout=20, what="the engine to be back")
+        assert requests.post(f"{proxy.url}/api/v1/service/llm/stop", timeout=30).status_code == 200
+        start_ready(proxy, "other")
+        subprocess.run(["docker", "-H", second_engine.host, "stop", "-t", "1", f"{second_engine_prefix}-other"],
+                       check=True, capture_output=True, timeout=30)
+        wait_until(lambda: requests.get(f"{proxy.url}/service/other/v1/models", timeout=10).status_code == 503,
+                   timeout=5, what="the CLI's stop to be seen through the events stream")
+    finally:
+        relay.close()
 
 
 # -- the heartbeat ------------------------------------------------------------------------------

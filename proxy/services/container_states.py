@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 
+import gevent
 from gevent.event import Event
 from loguru import logger
 
@@ -23,6 +24,7 @@ from .engine import ContainerInfo, Containers
 
 _RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds; then every 2 s until the engine is back
 _PING_EVERY = 0.5      # seconds between heartbeats: a hang is found within this + the ping's deadline
+_SUBSCRIBE_TIMEOUT = 10.0  # seconds for the engine to take up the events stream (the stream itself has none)
 _UNKNOWN = "unknown"   # the status before the engine first answered
 
 
@@ -88,8 +90,11 @@ class ContainerStates:
             self._stopping.wait(_RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)])
 
     def _follow(self) -> None:
-        # Subscribe first, then list: a change between the two shows up as an event.
-        event_ids, self._close_stream = self._containers.events()
+        # Subscribe first, then list: a change between the two shows up as an event. A
+        # subscription asked of an engine that went away can wait for ever (a connection lost
+        # in a blackhole): ask again instead, so the stream comes back when the engine does.
+        with gevent.Timeout(_SUBSCRIBE_TIMEOUT, DockerUnavailable("no answer to the events subscription")):
+            event_ids, self._close_stream = self._containers.events()
         self._infos = dict(self._containers.list_managed())
         self._synced = True
         if self.engine_reachable is not True:
