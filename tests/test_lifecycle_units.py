@@ -7,6 +7,7 @@ import time
 
 import docker.errors
 import gevent
+import gevent.event
 import pytest
 
 from proxy.config import load_config_text
@@ -14,6 +15,7 @@ from proxy.errors import ProxyError
 from proxy.forwarding import relay
 from proxy.forwarding.upstream import Exchange, UpstreamPool
 from proxy.services import lifecycle as lifecycle_module
+from proxy.services.container_states import ContainerStates
 from proxy.services.engine import ContainerInfo
 from proxy.services.lifecycle import Lifecycle
 from proxy.services.states import (FAILED, MOVES, PULLING, READY, STARTING, STATES, STOPPED, STOPPING, Observed,
@@ -111,7 +113,8 @@ class _EngineAnswers500:
 def test_an_unexpected_engine_error_in_an_on_demand_start_answers_the_waiters(config, coordinator):
     service = config.services["llm"]
     pool = UpstreamPool()
-    lifecycle = Lifecycle(config, _EngineAnswers500(), None, coordinator, pool)
+    engine = _EngineAnswers500()
+    lifecycle = Lifecycle(config, engine, ContainerStates(engine), coordinator, pool)  # never started: no pings
     try:
         start = lifecycle._start_in_background(service)
         with pytest.raises(ProxyError) as caught:
@@ -192,6 +195,7 @@ class _RecordingEngine:
 
 class _StatesFromEngine:
     engine_reachable = True
+    hung = gevent.event.Event()  # never set: this engine always answers
 
     def __init__(self, engine):
         self.engine = engine

@@ -3,9 +3,10 @@
 The forwarding hot path asks ``ContainerStates.get(id)``: a dict lookup, no Docker call.
 One background loop per worker lists our containers once, then follows Docker's events
 for them, so a change made by anyone (the admin API in any worker, the docker CLI, a
-crash) is seen within milliseconds. A second loop pings the engine every second with a
-short deadline: an engine that hangs rather than refuses (a stuck containerd) is found
-within about two seconds, so admin calls can answer at once instead of waiting on it.
+crash) is seen within milliseconds. A second loop pings the engine twice a second with a
+short deadline (1.5 s): an engine that hangs rather than refuses (a stuck containerd) is
+found within two seconds, and ``hung`` is set, so admin calls answer at once, and Docker
+work under way gives up instead of waiting on it (``Lifecycle``).
 While the engine is away the last known states are kept (running containers stay
 reachable); when it answers again the events stream is opened afresh and the states
 listed again, by themselves.
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import threading
 
+import gevent
+from gevent.event import Event
 from loguru import logger
 
 from ..errors import DockerUnavailable
 from .engine import ContainerInfo, Containers
 
 _RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds; then every 2 s until the engine is back
-_PING_EVERY = 1.0      # seconds between heartbeats
-_PING_TIMEOUT = 1.5    # an engine that has not answered a ping by then counts as hung
+_PING_EVERY = 0.5      # seconds between heartbeats: a hang is found within this + the ping's deadline
+_SUBSCRIBE_TIMEOUT = 10.0  # seconds for the engine to take up the events stream (the stream itself has none)
 _UNKNOWN = "unknown"   # the status before the engine first answered
 
 
@@ -33,6 +36,7 @@ class ContainerStates:
         self._infos: dict[str, ContainerInfo] = {}
         self._synced = False
         self.engine_reachable: bool | None = None  # None until the first attempt
+        self.hung = Event()  # set while the engine leaves the heartbeat's pings unanswered
         self._stopping = threading.Event()
         self._close_stream = None
         self._stream_generation = 0  # bumped when the heartbeat asks for a fresh stream
@@ -86,14 +90,18 @@ class ContainerStates:
             self._stopping.wait(_RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)])
 
     def _follow(self) -> None:
-        # Subscribe first, then list: a change between the two shows up as an event.
-        event_ids, self._close_stream = self._containers.events()
+        # Subscribe first, then list: a change between the two shows up as an event. A
+        # subscription asked of an engine that went away can wait for ever (a connection lost
+        # in a blackhole): ask again instead, so the stream comes back when the engine does.
+        with gevent.Timeout(_SUBSCRIBE_TIMEOUT, DockerUnavailable("no answer to the events subscription")):
+            event_ids, self._close_stream = self._containers.events()
         self._infos = dict(self._containers.list_managed())
         self._synced = True
         if self.engine_reachable is not True:
             logger.info("Docker engine reachable; following container events ({} managed containers)",
                         len(self._infos))
         self.engine_reachable = True
+        self.hung.clear()  # it answered: Docker work need not wait for the next ping to be let through
         for container_id in event_ids:
             if self._stopping.is_set():
                 return
@@ -118,10 +126,23 @@ class ContainerStates:
     # -- the heartbeat ----------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        while not self._stopping.wait(_PING_EVERY):
-            answered = self._containers.ping(timeout=_PING_TIMEOUT)
+        while not self._stopping.is_set():  # the first ping at once: an engine away from the start is found early
+            answered = self._ping()
+            if answered:
+                self.hung.clear()
+            else:
+                self.hung.set()
             if not answered and self.engine_reachable is not False:
                 self._lost("no answer to a ping")
                 self._close()  # the stream of a hung engine may never end by itself
             elif answered and self.engine_reachable is False:
                 self._close()  # back: make the events loop open a fresh stream and list again
+            self._stopping.wait(_PING_EVERY)
+
+    def _ping(self) -> bool:
+        try:
+            return self._containers.ping()
+        except Exception:  # noqa: BLE001 - the heartbeat must outlive anything one ping does: count it unanswered
+            if not self.hung.is_set():
+                logger.exception("pinging the Docker engine failed")
+            return False

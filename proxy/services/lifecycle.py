@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -35,6 +35,9 @@ _WAIT_STEP = 0.25          # seconds between looks while another worker starts o
 _CREATE_RACE_GRACE = 10.0  # seconds another worker's container may take to appear after its create began
 _LOG_LINES = 30            # the log tail an error carries
 _PHASES = {PHASE_STARTING: STARTING, PHASE_STOPPING: STOPPING}
+_KILL_WAIT = 1.0           # seconds Docker work that is given up on gets to run its finally blocks
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class Lifecycle:
         info = self.states.get(service.id)
         if info.status == "unknown" and probe_health and self.states.engine_reachable is not False:
             try:  # the events stream has not listed our containers yet: ask once
-                info = self.containers.inspect(service)
+                info = self._unless_engine_hangs(service, lambda: self.containers.inspect(service))
                 self.states.update(info)
             except DockerUnavailable:
                 pass
@@ -135,7 +138,7 @@ class Lifecycle:
     def _log_tail(self, service: ServiceConfig, container_id: str) -> list[str]:
         if container_id not in self._logs:
             try:
-                lines = self.containers.log_tail(service, _LOG_LINES) or []
+                lines = self._unless_engine_hangs(service, lambda: self.containers.log_tail(service, _LOG_LINES)) or []
             except DockerUnavailable:
                 return []
             self._logs = {container_id: [self._mask(line) for line in lines]}  # one dead container at a time
@@ -171,8 +174,30 @@ class Lifecycle:
 
     def check_engine(self, service: ServiceConfig) -> None:
         if self.states.engine_reachable is False:
-            raise DockerUnavailable("The Docker engine is not answering", service_id=service.id,
-                                    hint="Start dockerd, or point DOCKER_HOST at a running engine")
+            raise _not_answering(service)
+
+    def _unless_engine_hangs(self, service: ServiceConfig, work: Callable[[], T]) -> T:
+        """Do Docker work, but give it up as soon as the heartbeat finds the engine not
+        answering: a hung engine would hold each call to docker-py's deadline (10 s), and an
+        admin call must answer within seconds. The work is killed where it waits (its
+        connection is dropped, its finally blocks run); a request it had already sent may
+        still be carried out when the engine wakes, and the events stream then says so.
+
+        Raises:
+            DockerUnavailable: the engine stopped answering (or had already).
+        """
+        if self.states.hung.is_set():
+            raise _not_answering(service)
+        worker = gevent.spawn(work)
+        try:
+            gevent.wait([worker, self.states.hung], count=1)
+            if worker.ready():
+                return worker.get()
+            logger.warning("Docker engine not answering: giving up on the Docker work for {}", service.id)
+            raise _not_answering(service)
+        finally:
+            if not worker.ready():  # given up, or this greenlet itself was killed
+                worker.kill(block=True, timeout=_KILL_WAIT)
 
     def ensure_ready(self, service: ServiceConfig, deadline: float,
                      waiting: Callable[[], bool] | None = None) -> None:
@@ -246,7 +271,7 @@ class Lifecycle:
 
     def _run_start(self, service: ServiceConfig, job: StartJob) -> None:
         try:
-            info = self._start(service, job)
+            info = self._unless_engine_hangs(service, lambda: self._start(service, job))
             logger.info("service {} is ready", service.id)
             job.result.set(info)
         except ProxyError as exc:
@@ -401,6 +426,9 @@ class Lifecycle:
             self._wait_for_phase_end(service)
             return StopOutcome(False, current.container)
         assert can_move(current.state, STOPPING), current.state
+        # Is the engine answering? Else say so now, rather than drain (refusing new requests)
+        # for a stop that could not be carried out.
+        self._unless_engine_hangs(service, lambda: self.containers.inspect(service))
         if only_if_idle:
             if not self.coordinator.set_phase(service.id, PHASE_STOPPING, expect=PHASE_NONE):
                 return StopOutcome(False, current.container)
@@ -412,10 +440,10 @@ class Lifecycle:
                 logger.info("stopping {}: waiting up to {:g} s for {} request(s) in flight", service.id,
                             service.drain_timeout, in_flight)
                 deadline = time.monotonic() + service.drain_timeout
-                while in_flight and time.monotonic() < deadline:
+                while in_flight and time.monotonic() < deadline and not self.states.hung.is_set():
                     gevent.sleep(0.05)
                     in_flight = self.coordinator.in_flight(service.id)
-            info, exit_code = self.containers.stop(service)
+            info, exit_code = self._unless_engine_hangs(service, lambda: self.containers.stop(service))
             self.states.update(ContainerInfo(service_id=service.id, status="not found"))
             self.coordinator.set_ready(service.id, 0)
             self.coordinator.set_failure(service.id, 0)
@@ -431,6 +459,11 @@ class Lifecycle:
 
 class ClientLeft(Exception):
     """The client went away while its request waited for a service to start."""
+
+
+def _not_answering(service: ServiceConfig) -> DockerUnavailable:
+    return DockerUnavailable("The Docker engine is not answering", service_id=service.id,
+                             hint="Start dockerd, or point DOCKER_HOST at a running engine")
 
 
 def _token(container_id: str | None) -> int:

@@ -27,6 +27,9 @@ _START_IN_PROGRESS_SECONDS = 60
 # Seconds for ordinary API calls (stop and wait add their own). A hung engine is found by
 # the heartbeat's short ping instead (ContainerStates), so this is for a slow, live one.
 _DOCKER_TIMEOUT = 10
+# Seconds a ping, and making the client (it asks the engine's API version), may take: an
+# engine slower than this to say "OK" counts as hung.
+PING_TIMEOUT = 1.5
 _UNREACHABLE_HINT = "Start dockerd, or point DOCKER_HOST at a running engine"
 
 
@@ -37,7 +40,7 @@ class Containers:
                  client_factory: Callable[[], docker.DockerClient] | None = None):
         self.prefix = prefix
         self._client = client
-        self._client_factory = client_factory or (lambda: docker.from_env(timeout=_DOCKER_TIMEOUT))
+        self._client_factory = client_factory or _client_from_env
 
     # -- the client ---------------------------------------------------------------------
 
@@ -50,11 +53,11 @@ class Containers:
                 raise DockerUnavailable(f"The Docker engine is not reachable: {exc}", hint=_UNREACHABLE_HINT) from None
         return self._client
 
-    def ping(self, timeout: float | None = None) -> bool:
-        """Whether the engine answers, within ``timeout`` seconds (the client's own when None)."""
+    def ping(self, timeout: float = PING_TIMEOUT) -> bool:
+        """Whether the engine answers within ``timeout`` seconds."""
         try:
             api = self.client.api
-            return self._call(lambda: api._result(api._get(api._url("/_ping"), timeout=timeout or _DOCKER_TIMEOUT))) == "OK"
+            return self._call(lambda: api._result(api._get(api._url("/_ping"), timeout=timeout))) == "OK"
         except DockerUnavailable:
             return False
 
@@ -264,6 +267,15 @@ class Containers:
         logger.info("container {} stopped{} (exit code {})", self.name(service.id),
                     " and removed" if remove else "", exit_code)
         return info, exit_code
+
+
+def _client_from_env() -> docker.DockerClient:
+    """A client for DOCKER_HOST. Making it asks the engine's API version, which a hung or
+    blackholed engine would hold for the whole call deadline; so that question gets the
+    ping's deadline, and the calls after it the ordinary one."""
+    client = docker.from_env(timeout=PING_TIMEOUT)
+    client.api.timeout = _DOCKER_TIMEOUT
+    return client
 
 
 def _explanation(exc: BaseException) -> str:
