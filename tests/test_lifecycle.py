@@ -6,6 +6,7 @@ Timing is asserted only loosely (order, completeness, generous bounds).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,21 @@ CLOSE = {"Connection": "close"}
 def _stream(proxy, service_id: str, events: int, delay: float, started: threading.Event | None = None):
     return read_sse(f"{proxy.url}/service/{service_id}/stream", {"events": events, "delay": delay},
                     started.set if started is not None else None, timeout=60)
+
+
+@contextlib.contextmanager
+def _a_stop_draining_a_stream(proxy, events: int = 20):
+    """Inside: the service is being stopped while a stream of it is in flight. After: the
+    stop answered 200 and the stream arrived whole (it was drained, not cut)."""
+    started = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(_stream, proxy, "llm", events, 0.1, started)
+        assert started.wait(10)
+        stop = pool.submit(api, proxy, "POST", "/service/llm/stop")
+        wait_until(lambda: status(proxy)["state"] == "stopping", timeout=5, what="the stop to begin")
+        yield
+        assert stop.result().status_code == 200
+        assert_complete(stream.result(), events)
 
 
 def _container_events(docker_client, prefix: str, since: float) -> list[tuple[float, str, str]]:
@@ -90,15 +106,8 @@ def test_an_admin_stop_without_drain_cuts_the_stream(engine_proxy):
 def test_a_request_that_comes_while_a_service_stops_waits_and_is_served_after_a_new_start(engine_proxy):
     proxy = engine_proxy({"llm": service_entry(free_port(), autostart=True, drain_timeout=30)})
     first = start_ready(proxy)
-    started = threading.Event()
-    with ThreadPoolExecutor(3) as pool:
-        stream = pool.submit(_stream, proxy, "llm", 20, 0.1, started)
-        assert started.wait(10)
-        stop = pool.submit(api, proxy, "POST", "/service/llm/stop")
-        wait_until(lambda: status(proxy)["state"] == "stopping", timeout=5, what="the stop to begin")
+    with _a_stop_draining_a_stream(proxy):
         late = requests.get(f"{proxy.url}/service/llm/v1/models", headers=CLOSE, timeout=60)
-        assert stop.result().status_code == 200
-        assert_complete(stream.result(), 20)
     assert late.status_code == 200, late.text  # served by the container started after the stop
     again = status(proxy)
     assert again["state"] == "ready" and again["container_id"] != first["container_id"]
@@ -107,16 +116,9 @@ def test_a_request_that_comes_while_a_service_stops_waits_and_is_served_after_a_
 def test_a_request_for_a_service_being_stopped_without_autostart_is_503_service_stopping(engine_proxy):
     proxy = engine_proxy({"llm": service_entry(free_port(), drain_timeout=30)})
     start_ready(proxy)
-    started = threading.Event()
-    with ThreadPoolExecutor(2) as pool:
-        stream = pool.submit(_stream, proxy, "llm", 20, 0.1, started)
-        assert started.wait(10)
-        stop = pool.submit(api, proxy, "POST", "/service/llm/stop")
-        wait_until(lambda: status(proxy)["state"] == "stopping", timeout=5, what="the stop to begin")
+    with _a_stop_draining_a_stream(proxy):
         error_of(requests.get(f"{proxy.url}/service/llm/v1/models", headers=CLOSE, timeout=10), 503,
                  "service_stopping", "llm")
-        assert stop.result().status_code == 200
-        assert_complete(stream.result(), 20)
 
 
 def _states_seen(proxy, service_id: str = "llm", tries: int = 16) -> set[str]:
@@ -155,14 +157,7 @@ def test_every_worker_reports_the_same_state_within_a_second(engine_proxy):
 def test_a_start_of_a_stopping_service_waits_for_the_stop_then_starts(engine_proxy):
     proxy = engine_proxy({"llm": service_entry(free_port(), drain_timeout=30)})
     first = start_ready(proxy)
-    started = threading.Event()
-    with ThreadPoolExecutor(2) as pool:
-        stream = pool.submit(_stream, proxy, "llm", 20, 0.1, started)
-        assert started.wait(10)
-        stop = pool.submit(api, proxy, "POST", "/service/llm/stop")
-        wait_until(lambda: status(proxy)["state"] == "stopping", timeout=5, what="the stop to begin")
+    with _a_stop_draining_a_stream(proxy):
         answer = api(proxy, "POST", "/service/llm/start", params={"wait": "true", "timeout": 60})
-        assert stop.result().status_code == 200
-        assert_complete(stream.result(), 20)
     assert answer.status_code == 200, answer.text
     assert answer.json()["state"] == "ready" and answer.json()["container_id"] != first["container_id"]

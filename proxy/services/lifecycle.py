@@ -352,10 +352,7 @@ class Lifecycle:
             while info.status == "not found" and time.monotonic() < deadline:
                 gevent.sleep(0.05)
                 info = self.containers.inspect(service)
-            return info, False
-        except ProxyError:
-            record_start(service.id, "failed")
-            raise
+            return info
 
     def _settle(self, service: ServiceConfig, outcome: str, info: ContainerInfo) -> ContainerInfo:
         """The ready container, or the error that says why the start failed."""
@@ -399,8 +396,7 @@ class Lifecycle:
             for other in members:
                 if other.id != service.id and self.status(other, probe_health=False).state != STOPPED:
                     logger.info("group {}: making room for {} by stopping {}", group.name, service.id, other.id)
-                    job.accepted.set()
-                    if self.stop(other, drain=True).stopped:
+                    if self.stop(other, drain=True, on_stopping=job.accepted.set).stopped:
                         record_swap(group.name)
         except BaseException:
             self.coordinator.unlock_group(group.name, token)
@@ -409,13 +405,14 @@ class Lifecycle:
 
     # -- stopping ---------------------------------------------------------------------------
 
-    def stop(self, service: ServiceConfig, drain: bool = True, only_if_idle: bool = False) -> StopOutcome:
+    def stop(self, service: ServiceConfig, drain: bool = True, only_if_idle: bool = False,
+             on_stopping: Callable[[], None] | None = None) -> StopOutcome:
         """Stop the service: new requests wait (autostart) or get 503 service_stopping;
         requests in flight get up to drain_timeout (none with ``drain=False``); then the
         container is stopped (stop_timeout) and removed. A start under way is abandoned.
 
         ``only_if_idle`` (the idle sweep): do nothing when another worker is already
-        starting or stopping it.
+        starting or stopping it. ``on_stopping``: called once every worker sees it stopping.
         """
         current = self.status(service, probe_health=False)
         if current.state == STOPPED:
@@ -434,6 +431,8 @@ class Lifecycle:
                 return StopOutcome(False, current.container)
         else:
             self.coordinator.set_phase(service.id, PHASE_STOPPING)  # a start under way sees it and gives up
+        if on_stopping is not None:
+            on_stopping()
         try:
             in_flight = initially = self.coordinator.in_flight(service.id)
             if drain and in_flight:
