@@ -265,3 +265,42 @@ def engine_proxy(start_proxy, container_prefix):
         services = services or {"llm": service_entry(free_port())}
         return start_proxy(services, docker_host=kwargs.pop("docker_host", None), prefix=container_prefix, **kwargs)
     return start
+
+
+# -- a second real Docker engine (tests/engines.py) ----------------------------------------
+
+@pytest.fixture(scope="session")
+def second_engine(docker_client):
+    """A second dockerd with the test image, beside the shared engine (never touched), for the
+    session; stopped, and its bridge deleted, at the end even after a failure."""
+    import engines
+
+    missing = engines.missing_abilities()
+    if missing:
+        skip_outside_ci(f"a second Docker engine cannot run here: {missing}")
+    engine = engines.ENGINE2
+    with engines.engine_lock(engine):
+        try:
+            engines.stop_dockerd(engine.pidfile)  # one left behind by a session that was killed
+            engines.create_bridge(engine.bridge, engine.bridge_address)
+            engine.config_file.write_text("{}\n")
+            pid = engines.start_dockerd(engine.args(), engine.pidfile, engine.log_path)
+            engines.wait_until_answers(engine.host, pid=pid, log_path=engine.log_path)
+            engines.remove_containers(engine.host)  # left by a session that was killed
+            engines.load_image(TEST_IMAGE, engines.MAIN_ENGINE, engine.host)
+            yield engines.RunningEngine(engine, pid)
+        finally:
+            engines.stop_dockerd(engine.pidfile)
+            engines.delete_bridge(engine.bridge)
+
+
+@pytest.fixture
+def second_engine_prefix(second_engine):
+    """A container prefix of its own per test on the second engine; its containers are
+    removed afterwards (the engine thawed first, should a test have left it frozen)."""
+    import engines
+
+    prefix = f"iptest2-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    engines.thaw(second_engine.pid)
+    engines.remove_containers(second_engine.host, label=f"io.inference-proxy.instance={prefix}")

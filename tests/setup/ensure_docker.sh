@@ -4,7 +4,8 @@
 # What it does (idempotent; run as root on Debian bookworm):
 #   1. If `dockerd` is missing: `apt-get update` once, then install Debian's
 #      `docker.io` (which pulls in containerd, runc, iptables, docker-proxy,
-#      tini as docker-init) plus `debootstrap`, needed by build_images.sh.
+#      tini as docker-init) plus `debootstrap`, needed by build_images.sh;
+#      and `iproute2` when `ip` is missing (the tests' second engine needs it).
 #   2. If `docker info` already answers: exit immediately (well under 1 s,
 #      nothing is touched).
 #   3. Otherwise start `dockerd` detached (setsid + nohup, own session, so it
@@ -57,10 +58,15 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 
 # --- 1. install ---------------------------------------------------------------
+pkgs=()
 if ! command -v dockerd >/dev/null 2>&1; then
-    pkgs=(docker.io iptables)
+    pkgs+=(docker.io iptables)
     command -v debootstrap >/dev/null 2>&1 || pkgs+=(debootstrap)
-    log "dockerd missing; installing: ${pkgs[*]}"
+fi
+# `ip` makes the bridge of the tests' second engine (tests/engines.py).
+command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)
+if ((${#pkgs[@]})); then
+    log "installing: ${pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
     timeout 600 apt-get update
     # --no-install-recommends: skip needrestart/apparmor/git; nothing here needs them.
