@@ -39,7 +39,18 @@ def client_factory_for(engine: EngineConfig) -> Callable[[], docker.DockerClient
     tls = None
     if engine.tls is not None:
         tls = docker.tls.TLSConfig(client_cert=(engine.tls.cert, engine.tls.key), ca_cert=engine.tls.ca, verify=True)
-    return lambda: docker.DockerClient(base_url=engine.docker_host, tls=tls, timeout=_DOCKER_TIMEOUT)
+
+    def make() -> docker.DockerClient:
+        # A fixed version first, so nothing is sent before trust_env is off: requests would
+        # otherwise take REQUESTS_CA_BUNDLE (or a proxy) from the environment over the
+        # engine's own CA. Then the version the engine speaks, as docker-py's "auto" does.
+        client = docker.DockerClient(base_url=engine.docker_host, tls=tls, timeout=_DOCKER_TIMEOUT,
+                                     version=docker.constants.MINIMUM_DOCKER_API_VERSION)
+        client.api.trust_env = False
+        client.api._version = client.api._retrieve_server_version()
+        return client
+
+    return make
 
 
 class Containers:
