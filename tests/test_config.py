@@ -913,11 +913,18 @@ def _readme_config_examples() -> list[str]:
     return re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
 
 
-def test_readme_configuration_examples_load():
-    examples = _readme_config_examples()
-    assert len(examples) == 2
-    environ = {"PROXY_ADMIN_TOKEN": "t", "CLIENT_KEY": "k", "HF_TOKEN": "h"}
+def test_readme_configuration_examples_load(tmp_path):
+    for name in ("ca.pem", "cert.pem", "key.pem"):  # the TLS files must exist: put them somewhere
+        (tmp_path / name).write_text("")
+    examples = [text.replace("/etc/proxy/", f"{tmp_path}/") for text in _readme_config_examples()]
+    assert len(examples) == 3
+    environ = {"PROXY_ADMIN_TOKEN": "t", "CLIENT_KEY": "k", "HF_TOKEN": "h", "LLAMA_KEY": "llama-key",
+               "QWEN_BACKEND_KEY": "qwen-key"}
     reference = load_config_text(examples[0], environ=environ)
+    assert reference.engines["gpu2"].tls.ca == f"{tmp_path}/ca.pem"
+    hosts = load_config_text(examples[2], environ=environ)
+    assert hosts.services["qwen"].upstream_host == "10.0.0.12:8081"
+    assert hosts.services["qwen"].backend_api_key == "qwen-key"
     assert reference.services["llama3"].group == "gpu0" and reference.groups["gpu0"].exclusive
     config = load_config_text(examples[1], environ=environ)
     assert config.groups["gpu0"].exclusive

@@ -28,6 +28,7 @@ _START_IN_PROGRESS_SECONDS = 60
 # the heartbeat's short ping instead (ContainerStates), so this is for a slow, live one.
 _DOCKER_TIMEOUT = 10
 _UNREACHABLE_HINT = "Start dockerd, or point DOCKER_HOST at a running engine"
+_FIRST_CONTACT_TIMEOUT = 2  # seconds for a remote engine's version, asked when its client is made
 _BIND_SOURCE_MISSING = "bind source path does not exist"  # dockerd's refusal of a mount (a remote engine)
 
 
@@ -47,7 +48,11 @@ def client_factory_for(engine: EngineConfig) -> Callable[[], docker.DockerClient
         client = docker.DockerClient(base_url=engine.docker_host, tls=tls, timeout=_DOCKER_TIMEOUT,
                                      version=docker.constants.MINIMUM_DOCKER_API_VERSION)
         client.api.trust_env = False
-        client.api._version = client.api._retrieve_server_version()
+        client.api.timeout = _FIRST_CONTACT_TIMEOUT  # a hung engine must not hold the heartbeat long
+        try:
+            client.api._version = client.api._retrieve_server_version()
+        finally:
+            client.api.timeout = _DOCKER_TIMEOUT
         return client
 
     return make
