@@ -7,8 +7,7 @@ from .config import Config
 from .metrics import families as metrics
 from .forwarding.inbound import BufferBudget
 from .forwarding.upstream import UpstreamPool
-from .services.container_states import ContainerStates
-from .services.engine import Containers
+from .services.engines import Engines
 from .services.idle import IdleSweep
 from .services.lifecycle import Lifecycle
 from .shared.coordinator import for_services
@@ -19,14 +18,22 @@ class Runtime:
 
     def __init__(self, config: Config, docker_client=None):
         self.config = config
-        self.containers = Containers(config.server.container_prefix, client=docker_client)
-        self.states = ContainerStates(self.containers)
+        self.engines = Engines(config.server.container_prefix, config.engines, local_client=docker_client)
         self.upstream = UpstreamPool()
         self.buffered = BufferBudget(config.server.max_buffered)  # the front door's JSON bodies
         # Shared by every worker when gunicorn.conf.py installed it before forking.
         self.coordinator = for_services(list(config.services), list(config.groups))
-        self.lifecycle = Lifecycle(config, self.containers, self.states, self.coordinator, self.upstream)
+        self.lifecycle = Lifecycle(config, None, None, self.coordinator, self.upstream, engines=self.engines)
         self.idle = IdleSweep(self.lifecycle)
+
+    @property
+    def containers(self):
+        """This host's engine (``local``)."""
+        return self.engines.get("local").containers
+
+    @property
+    def states(self):
+        return self.engines.get("local").states
 
     def service_state(self, service_id: str) -> str:
         """The lifecycle state, as every answer reports it (no Docker call)."""
@@ -36,11 +43,12 @@ class Runtime:
         """Serve a reloaded config from the next request on (containers are the reload's)."""
         self.config = config
         self.lifecycle.config = config
+        self.engines.reconfigure(config.engines)
         self.coordinator.register(list(config.services), list(config.groups))
         self.buffered.limit = config.server.max_buffered
 
     def start(self) -> None:
-        self.states.start()
+        self.engines.start()
         self.idle.start()
         self._flusher = gevent.spawn(metrics.keep_flushing)
 
@@ -49,5 +57,5 @@ class Runtime:
         self._flusher.kill(block=False)
         metrics.flush()  # the last counts of this worker
         self.idle.stop()
-        self.states.stop()
+        self.engines.stop()
         self.upstream.close()

@@ -155,7 +155,7 @@ class _ProxyLauncher:
     def __call__(self, services: dict, *, workers: int = 1, docker_host: str | None = NO_ENGINE,
                  prefix: str | None = None, log_level: str = "DEBUG", env: dict | None = None,
                  wait: bool = True, server_extra: dict | None = None, groups: dict | None = None,
-                 port: int | None = None) -> Proxy:
+                 port: int | None = None, engines: dict | None = None) -> Proxy:
         port = port or free_port()
         config = {"server": {"host": "127.0.0.1", "port": port, "log_level": log_level}, "services": services}
         if prefix:
@@ -163,6 +163,8 @@ class _ProxyLauncher:
         config["server"].update(server_extra or {})  # more server: keys (admin_token, api_keys, ...)
         if groups is not None:
             config["groups"] = groups
+        if engines is not None:
+            config["engines"] = engines
         config_path = self.workdir / f"config-{port}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         log_path = self.workdir / f"proxy-{port}.log"

@@ -913,11 +913,18 @@ def _readme_config_examples() -> list[str]:
     return re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
 
 
-def test_readme_configuration_examples_load():
-    examples = _readme_config_examples()
-    assert len(examples) == 2
-    environ = {"PROXY_ADMIN_TOKEN": "t", "CLIENT_KEY": "k", "HF_TOKEN": "h"}
+def test_readme_configuration_examples_load(tmp_path):
+    for name in ("ca.pem", "cert.pem", "key.pem"):  # the TLS files must exist: put them somewhere
+        (tmp_path / name).write_text("")
+    examples = [text.replace("/etc/proxy/", f"{tmp_path}/") for text in _readme_config_examples()]
+    assert len(examples) == 3
+    environ = {"PROXY_ADMIN_TOKEN": "t", "CLIENT_KEY": "k", "HF_TOKEN": "h", "LLAMA_KEY": "llama-key",
+               "QWEN_BACKEND_KEY": "qwen-key"}
     reference = load_config_text(examples[0], environ=environ)
+    assert reference.engines["gpu2"].tls.ca == f"{tmp_path}/ca.pem"
+    hosts = load_config_text(examples[2], environ=environ)
+    assert hosts.services["qwen"].upstream_host == "10.0.0.12:8081"
+    assert hosts.services["qwen"].backend_api_key == "qwen-key"
     assert reference.services["llama3"].group == "gpu0" and reference.groups["gpu0"].exclusive
     config = load_config_text(examples[1], environ=environ)
     assert config.groups["gpu0"].exclusive
@@ -1109,3 +1116,77 @@ def test_fuzz_mutated_example_gives_config_or_config_error(data):
         delete = data.draw(st.integers(0, 5))
         text = text[:position] + insert + text[position + delete:]
     assert_config_or_config_error(text)
+
+
+# -- engines: services on other hosts' Docker engines ---------------------------------------
+
+_TWO_HOSTS = """\
+engines:
+  gpu2:
+    docker_host: tcp://10.0.0.12:2376
+    address: 10.0.0.12
+services:
+  near: {type: llama-cpp-server, image: x, port: 9000}
+  far: {type: llama-cpp-server, image: x, port: 9000, engine: gpu2, backend_api_key: s3cret-key}
+"""
+
+
+def test_a_service_runs_on_the_local_engine_unless_it_names_another():
+    config = load_config_text(_TWO_HOSTS)
+    near, far = config.services["near"], config.services["far"]
+    assert (near.engine, near.upstream_host) == ("local", "127.0.0.1:9000")
+    assert (far.engine, far.upstream_host) == ("gpu2", "10.0.0.12:9000")  # the same port on another host
+    assert set(config.engines) == {"local", "gpu2"}
+    assert config.engines["local"].docker_host is None and not config.engines["local"].remote
+
+
+def test_a_config_without_engines_has_the_local_one():
+    config = load_config_text("services: {a: {type: llama-cpp-server, image: x, port: 9000}}\n")
+    assert list(config.engines) == ["local"]
+    assert config.engines["local"].address == "127.0.0.1"
+
+
+def test_a_backend_api_key_is_a_secret_and_never_in_repr():
+    config = load_config_text(_TWO_HOSTS)
+    assert "s3cret-key" in config.secrets
+    assert "s3cret-key" not in repr(config)
+
+
+def test_the_engine_and_the_backend_key_shape_the_container_but_leave_old_hashes_alone():
+    config = load_config_text(_TWO_HOSTS)
+    assert "engine" not in config.services["near"].shape()  # default: hash as before engines existed
+    assert config.services["far"].shape()["engine"] == "gpu2"
+    moved = load_config_text(_TWO_HOSTS.replace("port: 9000}\n", "port: 9000, engine: gpu2}\n", 1)
+                             .replace("port: 9000, engine: gpu2, backend", "port: 9001, engine: gpu2, backend"))
+    from proxy.config.diff import diff
+    assert diff(config, moved).restarted == ("near", "far")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("services: {a: {type: llama-cpp-server, image: x, port: 9000, engine: gpu9}}\n",
+     ["config.yaml: services.a.engine: Unknown engine 'gpu9'; define it under engines."]),
+    ("engines: {gpu2: {docker_host: 'tcp://10.0.0.12:2376'}}\n",
+     ["config.yaml: engines.gpu2.address: A remote engine (docker_host set) needs the address where the proxy "
+      "reaches the ports published on that host."]),
+    ("engines: {gpu2: {docker_host: 'ssh://ops@gpu2', address: 10.0.0.12, "
+     "tls: {ca: /etc/hostname, cert: /etc/hostname, key: /etc/hostname}}}\n",
+     ["config.yaml: engines.gpu2.tls: TLS applies to a tcp:// docker_host only."]),
+    ("engines: {gpu2: {docker_host: 'tcp://10.0.0.12:2376', address: 10.0.0.12, "
+     "tls: {ca: /nonexistent/ca.pem, cert: /etc/hostname, key: /etc/hostname}}}\n",
+     ["config.yaml: engines.gpu2.tls.ca: No such file: /nonexistent/ca.pem"]),
+    ("engines: {gpu2: {docker_host: '10.0.0.12:2376', address: gpu2.lan}}\n",
+     ["config.yaml: engines.gpu2.address: Must be an IP address of that host (its ports are published there).",
+      "config.yaml: engines.gpu2.docker_host: Must be a Docker host URL: tcp://HOST:PORT, ssh://USER@HOST or "
+      "unix:///PATH."]),
+    ("engines: {GPU2: {}}\n",
+     ["config.yaml: engines.GPU2: Engine name must be 1-63 characters of lowercase letters, digits, "
+      "'-', '_' or '.', starting with a letter or digit."]),
+    ("engines: {gpu2: {docker_host: 'tcp://10.0.0.12:2376', address: 10.0.0.12}}\n"
+     "services:\n  a: {type: llama-cpp-server, image: x, port: 9000, engine: gpu2}\n"
+     "  b: {type: llama-cpp-server, image: x, port: 9000, engine: gpu2}\n",
+     ["config.yaml: services.b.port: Port 9000 is already used by service 'a'."]),
+])
+def test_engine_mistakes_are_named(text, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text)
+    assert caught.value.errors == expected

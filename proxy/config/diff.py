@@ -40,6 +40,8 @@ def diff(old: Config, new: Config) -> ConfigChange:
                and getattr(old.server, name) != getattr(new.server, name)]
     if dict(old.groups) != dict(new.groups):
         changed.append("groups")
+    if dict(old.engines) != dict(new.engines):
+        changed.append("engines")  # each engine's client is made anew from the new settings
     return ConfigChange(added, removed, restarted, updated,
                         server=tuple(name for name in changed if name not in RESTART_ONLY),
                         needs_restart=tuple(name for name in changed if name in RESTART_ONLY))

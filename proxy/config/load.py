@@ -98,7 +98,7 @@ def load_config_text(text: str, source: str = DEFAULT_CONFIG_PATH,
     log_level = (environ.get("PROXY_LOG_LEVEL") or "").upper()  # empty counts as unset
     env_errors = [LOG_LEVEL_ERROR] if log_level and log_level not in LOG_LEVELS else []
     try:
-        server, services, groups, expanded = _load_document(text, source, environ)
+        server, services, groups, engines, expanded = _load_document(text, source, environ)
     except ConfigError as exc:
         raise ConfigError(exc.errors + env_errors) from None
     if env_errors:
@@ -106,12 +106,14 @@ def load_config_text(text: str, source: str = DEFAULT_CONFIG_PATH,
     if log_level:
         server = dataclasses.replace(server, log_level=log_level)
     return Config(server=server, services=types.MappingProxyType(services), source=source,
-                  groups=types.MappingProxyType(groups), expanded_values=frozenset(expanded),
+                  groups=types.MappingProxyType(groups), engines=types.MappingProxyType(engines),
+                  expanded_values=frozenset(expanded),
                   digest=text_digest(text))
 
 
 def _load_document(text: str, source: str, environ: Mapping[str, str]):
-    """-> (ServerConfig, {id: ServiceConfig}, {name: GroupConfig}, {values from ${VAR}}), or
+    """-> (ServerConfig, {id: ServiceConfig}, {name: GroupConfig}, {name: EngineConfig},
+    {values from ${VAR}}), or
     ConfigError with the file's problems."""
     document = _parse_yaml(text, source)
     if document is None:  # an empty file: all defaults

@@ -16,6 +16,8 @@ SERVICE_TYPES = {"llama-cpp-server": {"container_port": 8080, "health_path": "/h
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_MAX_QUEUE = 100  # services.<id>.max_queue when only max_concurrent is set
 MIN_MASKED_LENGTH = 4  # ${VAR} values shorter than this are not masked in the log
+LOCAL_ENGINE = "local"  # the engine that always exists: DOCKER_HOST, or the local socket
+LOOPBACK = "127.0.0.1"
 
 
 
@@ -33,6 +35,9 @@ NULL_MEANS_OFF = frozenset({"metrics_path"})  # per-type keys where an explicit 
 
 # The service fields that shape its container.
 CONTAINER_FIELDS = ("type", "image", "port", "container_port", "args", "volumes", "environment", "resources")
+# Fields that shape it too, but only when set away from their default: leaving them out of
+# the shape then keeps the config hash of every existing single-engine container the same.
+CONTAINER_FIELDS_BESIDE_DEFAULT = {"engine": LOCAL_ENGINE, "address": LOOPBACK, "backend_api_key": None}
 
 
 class ConfigError(Exception):
@@ -68,6 +73,34 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """Client certificate and key the proxy presents to a tcp:// engine, and the CA it checks
+    the engine's certificate against."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """A Docker engine services run on: this host's (``local``) or another host's."""
+
+    name: str
+    docker_host: str | None = None  # None: DOCKER_HOST, else the local socket
+    tls: TlsFiles | None = None     # for tcp:// only
+    address: str = LOOPBACK         # where ports are published on that host and the proxy reaches them
+
+    @property
+    def remote(self) -> bool:
+        return self.docker_host is not None
+
+
+def default_engines() -> Mapping[str, EngineConfig]:
+    return types.MappingProxyType({LOCAL_ENGINE: EngineConfig(LOCAL_ENGINE)})
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     id: str
     type: str
@@ -94,6 +127,10 @@ class ServiceConfig:
     max_concurrent: int | None = None  # requests in flight to the service (all workers); None: no limit
     max_queue: int | None = None  # requests waiting for a slot; DEFAULT_MAX_QUEUE with max_concurrent
     drain_timeout: float = 60.0  # seconds in-flight requests get before an exclusive swap or idle stop
+    engine: str = LOCAL_ENGINE  # a key of Config.engines: the host it runs on
+    address: str = LOOPBACK  # its engine's address (filled in at load): where its port is published
+    # Sent upstream as "Authorization: Bearer <key>" and given to llama-server as LLAMA_API_KEY.
+    backend_api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         for name, default in SERVICE_TYPES[self.type].items():
@@ -105,13 +142,17 @@ class ServiceConfig:
 
     @property
     def upstream_host(self) -> str:
-        """Where the proxy reaches the container: its port, published on loopback."""
-        return f"127.0.0.1:{self.port}"
+        """Where the proxy reaches the container: its port, published on its engine's address."""
+        return f"{self.address}:{self.port}"
 
     def shape(self) -> dict:
         """What shapes the container (a change needs a new one); the rest is the proxy's own
         business (timeouts, limits, aliases, ...) and applies to new requests at once."""
-        return {name: value for name, value in self.to_dict().items() if name in CONTAINER_FIELDS}
+        data = self.to_dict()
+        shape = {name: value for name, value in data.items() if name in CONTAINER_FIELDS}
+        shape.update({name: data[name] for name, default in CONTAINER_FIELDS_BESIDE_DEFAULT.items()
+                      if data[name] != default})
+        return shape
 
     def to_dict(self) -> dict:
         """A plain JSON-able dict."""
@@ -177,6 +218,7 @@ class Config:
     services: Mapping[str, ServiceConfig]  # read-only, in file order
     source: str  # the file path (or a label) used in messages
     groups: Mapping[str, GroupConfig] = field(default_factory=lambda: types.MappingProxyType({}))
+    engines: Mapping[str, EngineConfig] = field(default_factory=default_engines)  # "local" always among them
     # What ${VAR} references brought in from the environment (the loader fills it in).
     expanded_values: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
     # A digest of the text it was read from (0: not from a text): a reload compares it.
@@ -201,6 +243,7 @@ class Config:
         words and numbers everywhere)."""
         values = {value for value in self.expanded_values if len(value) >= MIN_MASKED_LENGTH}
         values.update(self.server.api_keys)
+        values.update(s.backend_api_key for s in self.services.values() if s.backend_api_key)
         if self.server.admin_token:
             values.add(self.server.admin_token)
         return frozenset(values)

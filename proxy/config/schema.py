@@ -5,6 +5,8 @@ too, so the dataclasses in ``model.py`` fill in their defaults: no default is wr
 """
 from __future__ import annotations
 
+import ipaddress
+import os
 from collections.abc import Mapping
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
@@ -12,7 +14,20 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_l
 from .fields import (ENV_NAME, ENV_NAME_ERROR, GROUP_NAME, GROUP_NAME_ERROR, MODEL_NAME, MODEL_NAME_ERROR,
                      PORT_RANGE, SERVICE_ID, SERVICE_ID_ERROR, UNKNOWN_FIELD, ByteSize, Duration, Gpus, HostName,
                      Int, KeyedDict, LogLevel, ModelNames, Origin, ProxyAddress, Size, Text, Token, VolumeSpec)
-from .model import SERVICE_TYPES, GroupConfig, Resources, ServerConfig, ServiceConfig, Timeouts
+from .model import (LOCAL_ENGINE, SERVICE_TYPES, EngineConfig, GroupConfig, Resources, ServerConfig, ServiceConfig,
+                    Timeouts, TlsFiles, default_engines)
+
+ENGINE_NAME_ERROR = GROUP_NAME_ERROR.replace("Group name", "Engine name")
+DOCKER_HOST = r"(tcp|ssh|unix)://\S+\Z"
+
+
+def _ip_address(text: str) -> None:
+    """Docker publishes ports on an IP address, not a name."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValidationError("Must be an IP address of that host (its ports are published there).") from None
+
 
 class StrictSchema(Schema):
     """Unknown keys are errors; an explicit null in an optional key means "the default"
@@ -79,6 +94,8 @@ class ServiceSchema(StrictSchema):
     max_concurrent = Int(validate=validate.Range(min=1))
     max_queue = Int(validate=validate.Range(min=0))
     drain_timeout = Duration(validate=validate.Range(min=0))
+    engine = fields.String(validate=validate.Regexp(GROUP_NAME, error=ENGINE_NAME_ERROR))
+    backend_api_key = Token()
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def _queue_needs_a_limit(self, data, original_data, **kwargs):
@@ -132,6 +149,39 @@ class ServerSchema(StrictSchema):
         return ServerConfig(**data)
 
 
+class TlsSchema(StrictSchema):
+    ca = fields.String(required=True)
+    cert = fields.String(required=True)
+    key = fields.String(required=True)
+
+    @validates_schema(skip_on_field_errors=True)
+    def _files_exist(self, data, **kwargs):
+        """Checked at load, so a typo is named now rather than as an unreachable engine later."""
+        errors = {name: [f"No such file: {path}"] for name, path in data.items() if not os.path.isfile(path)}
+        if errors:
+            raise ValidationError(errors)
+
+    @post_load
+    def _build(self, data, **kwargs):
+        return TlsFiles(**data)
+
+
+class EngineSchema(StrictSchema):
+    docker_host = fields.String(validate=validate.Regexp(
+        DOCKER_HOST, error="Must be a Docker host URL: tcp://HOST:PORT, ssh://USER@HOST or unix:///PATH."))
+    tls = fields.Nested(TlsSchema)
+    address = fields.String(validate=_ip_address)
+
+    @validates_schema(skip_on_field_errors=True)
+    def _consistent(self, data, **kwargs):
+        docker_host = data.get("docker_host")
+        if docker_host is not None and "address" not in data:
+            raise ValidationError("A remote engine (docker_host set) needs the address where the proxy "
+                                  "reaches the ports published on that host.", "address")
+        if data.get("tls") is not None and not (docker_host or "").startswith("tcp://"):
+            raise ValidationError("TLS applies to a tcp:// docker_host only.", "tls")
+
+
 class GroupSchema(StrictSchema):
     exclusive = fields.Boolean()
 
@@ -140,24 +190,30 @@ class ConfigSchema(StrictSchema):
     server = fields.Nested(ServerSchema)
     groups = KeyedDict(GROUP_NAME, GROUP_NAME_ERROR, fields.Nested(GroupSchema, allow_none=True))  # null: defaults
     services = KeyedDict(SERVICE_ID, SERVICE_ID_ERROR, fields.Nested(ServiceSchema))
+    engines = KeyedDict(GROUP_NAME, ENGINE_NAME_ERROR, fields.Nested(EngineSchema, allow_none=True))  # null: defaults
 
     @validates_schema(skip_on_field_errors=False)
     def _ports_are_free(self, data, **kwargs):
-        """Each service needs its own host port, and not the proxy's. Runs even when other
-        fields failed (on whatever did load), so these errors come with the rest."""
+        """Each service needs its own port on its engine's address, and not the proxy's. Runs
+        even when other fields failed (on whatever did load), so these errors come with the rest."""
         server_port = _get(data.get("server") or ServerConfig(), "port")
-        users: dict[int, str] = {}
+        engines = {name: _engine(name, settings) for name, settings in _engines(data).items()}
+        users: dict[tuple[str, int], str] = {}
         errors = {}
         for service_id, service in (data.get("services") or {}).items():
             port = _get(service, "port")
             if port is None:
                 continue
-            if port == server_port:
+            engine = engines.get(_get(service, "engine") or LOCAL_ENGINE)
+            if engine is None:
+                continue  # an unknown engine: reported on its own
+            address = engine.address
+            if port == server_port and not engine.remote:  # on this host, where the proxy listens
                 errors[service_id] = {"port": [f"Port {port} is the proxy's own port (server.port)."]}
-            elif port in users:
-                errors[service_id] = {"port": [f"Port {port} is already used by service '{users[port]}'."]}
+            elif (address, port) in users:
+                errors[service_id] = {"port": [f"Port {port} is already used by service '{users[address, port]}'."]}
             else:
-                users[port] = service_id
+                users[address, port] = service_id
         if errors:
             raise ValidationError({"services": errors})
 
@@ -196,11 +252,39 @@ class ConfigSchema(StrictSchema):
         if errors:
             raise ValidationError({"services": errors})
 
+    @validates_schema(skip_on_field_errors=False, pass_original=True)
+    def _engines_exist(self, data, original_data, **kwargs):
+        if "engines" not in data and _get(original_data, "engines") is not None:
+            return  # `engines` itself is broken: already reported
+        engines = _engines(data)
+        errors = {}
+        for service_id, service in (data.get("services") or {}).items():
+            engine = _get(service, "engine")
+            if engine is not None and engine not in engines:
+                errors[service_id] = {"engine": [f"Unknown engine '{engine}'; define it under engines."]}
+        if errors:
+            raise ValidationError({"services": errors})
+
     @post_load
     def _build(self, data, **kwargs):
-        services = {sid: ServiceConfig(id=sid, **kw) for sid, kw in data.get("services", {}).items()}
+        engines = {name: _engine(name, settings) for name, settings in _engines(data).items()}
+        services = {}
+        for sid, kw in data.get("services", {}).items():
+            address = engines[kw.get("engine", LOCAL_ENGINE)].address
+            services[sid] = ServiceConfig(id=sid, address=address, **kw)
         groups = {name: GroupConfig(name=name, **(settings or {})) for name, settings in data.get("groups", {}).items()}
-        return data.get("server") or ServerConfig(), services, groups
+        return data.get("server") or ServerConfig(), services, groups, engines
+
+
+def _engines(data) -> dict:
+    """The engines written (settings as loaded, None for all defaults), "local" always among them."""
+    return {**default_engines(), **(data.get("engines") or {})}
+
+
+def _engine(name: str, settings) -> EngineConfig:
+    if isinstance(settings, EngineConfig):
+        return settings
+    return EngineConfig(name=name, **(settings or {}))
 
 
 def _get(loaded, name):

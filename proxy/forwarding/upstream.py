@@ -47,8 +47,12 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
 
 
-def request_headers(environ: dict, upstream_host: str, from_trusted_proxy: bool = False) -> dict[str, str]:
+def request_headers(environ: dict, upstream_host: str, from_trusted_proxy: bool = False,
+                    backend_key: str | None = None) -> dict[str, str]:
     """Headers to send upstream: the client's less hop-by-hop ones, plus X-Forwarded-*.
+
+    ``backend_key`` (the service's backend_api_key): sent as the Authorization, in place of
+    whatever the client sent there.
 
     A trusted front proxy's forwarding headers go on (the client's address appended to its
     X-Forwarded-For); anyone else's are replaced by what the proxy itself saw.
@@ -70,6 +74,17 @@ def request_headers(environ: dict, upstream_host: str, from_trusted_proxy: bool 
     if environ.get("HTTP_HOST") and "X-Forwarded-Host" not in headers:
         headers["X-Forwarded-Host"] = environ["HTTP_HOST"]
     headers["Host"] = upstream_host
+    if backend_key is not None:
+        headers.pop("Authorization", None)
+        headers["Authorization"] = f"Bearer {backend_key}"
+    return headers
+
+
+def backend_headers(service) -> dict[str, str]:
+    """The headers of the proxy's own requests to a service (health probes, metrics scrapes)."""
+    headers = {"Host": service.upstream_host}
+    if service.backend_api_key:
+        headers["Authorization"] = f"Bearer {service.backend_api_key}"
     return headers
 
 

@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..config import ServiceConfig
+from ..forwarding.upstream import backend_headers
 from .families import record_backend_scrape_error
 
 SCRAPE_TIMEOUT = 1.0  # seconds for one server: connect, answer and body together
@@ -37,7 +38,7 @@ _OWN_PREFIX = "inference_proxy_"  # the proxy's own names: never taken from a se
 def backend_families(runtime) -> list[Metric]:
     """The merged families of every service that runs and has a metrics_path."""
     services = [service for service in runtime.config.services.values()
-                if service.metrics_path and runtime.states.get(service.id).status in ("running", "unknown")]
+                if service.metrics_path and runtime.lifecycle.engine(service).states.get(service.id).status in ("running", "unknown")]
     if not services:
         return []
     texts = gevent.pool.Pool(len(services)).map(lambda service: _fetch(runtime.upstream, service), services)
@@ -54,7 +55,7 @@ def backend_families(runtime) -> list[Metric]:
 def _fetch(pool, service: ServiceConfig) -> str | None:
     """The server's metrics page, or None (logged at DEBUG: a scrape runs every few seconds)."""
     url = f"http://{service.upstream_host}{service.metrics_path}"
-    headers = {"Host": service.upstream_host, "Accept": _ACCEPT}
+    headers = {**backend_headers(service), "Accept": _ACCEPT}
     text = problem = None
     with gevent.Timeout(SCRAPE_TIMEOUT, False):  # False: on timeout, leave the block quietly
         problem = f"no answer within {SCRAPE_TIMEOUT:g} s"

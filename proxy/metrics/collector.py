@@ -28,7 +28,11 @@ class ScrapeTimeCollector:
         states = GaugeMetricFamily("inference_proxy_service_state",
                                    "1 for the service's current state, 0 for the others.",
                                    labels=["service", "state"])
-        for service_id in runtime.config.services:
+        engines = GaugeMetricFamily("inference_proxy_service_engine_info",
+                                    "1 for each service and the engine (Docker host) it runs on.",
+                                    labels=["service", "engine"])
+        for service_id, service in runtime.config.services.items():
+            engines.add_metric([service_id, service.engine], 1)
             in_flight.add_metric([service_id], coordinator.in_flight(service_id))
             queued.add_metric([service_id], coordinator.waiting(service_id))
             current = runtime.service_state(service_id)
@@ -37,9 +41,13 @@ class ScrapeTimeCollector:
         yield in_flight
         yield queued
         yield states
-        yield GaugeMetricFamily("inference_proxy_docker_engine_up",
-                                "1 while the Docker engine answers, 0 when it does not (or has not yet).",
-                                value=1 if runtime.states.engine_reachable else 0)
+        yield engines
+        up = GaugeMetricFamily("inference_proxy_docker_engine_up",
+                               "1 while the Docker engine answers, 0 when it does not (or has not yet).",
+                               labels=["engine"])
+        for name in runtime.config.engines:
+            up.add_metric([name], 1 if runtime.engines.get(name).states.engine_reachable else 0)
+        yield up
         build = GaugeMetricFamily("inference_proxy_build_info", "The proxy's version (always 1).",
                                   labels=["version"])
         build.add_metric([__version__], 1)

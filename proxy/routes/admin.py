@@ -39,6 +39,7 @@ def _service(service_id: str) -> ServiceConfig:
 def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
     """The status fields every admin answer shares."""
     status = runtime.lifecycle.status(service, probe_health=probe_health)
+    engine = runtime.lifecycle.engine(service)
     info = status.container
     stale = None if info.config_hash is None else info.config_hash != config_hash(service)
     return {
@@ -56,7 +57,9 @@ def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
         "stale": stale,
         "in_flight": runtime.coordinator.in_flight(service.id),
         "queued": runtime.coordinator.waiting(service.id),
-        "engine": _ENGINE_WORDS[runtime.states.engine_reachable],
+        "engine": _ENGINE_WORDS[engine.states.engine_reachable],  # whether its engine answers
+        "engine_name": service.engine,
+        "address": service.address,
     }
 
 

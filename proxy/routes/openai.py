@@ -38,7 +38,7 @@ def list_models():
         status = states[service.id]
         data.append({"id": name, "object": "model", "created": 0, "owned_by": "inference-proxy",
                      "service_id": service.id, "state": status.state, "status": status.container.status,
-                     "autostart": service.autostart})
+                     "autostart": service.autostart, "engine": service.engine})
     return jsonify(object="list", data=data)
 
 
@@ -86,7 +86,7 @@ def _forward_by_model(runtime, held: HeldBody, started: float):
 
         environ = request.environ
         trusted = server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
-        headers = request_headers(environ, service.upstream_host, trusted)
+        headers = request_headers(environ, service.upstream_host, trusted, service.backend_api_key)
         headers["Content-Length"] = str(len(body))
         outgoing = Outgoing("POST", client_target(environ), headers, body)
         return relay(runtime, service, outgoing, environ, meter, loading_events=payload.get("stream") is True)

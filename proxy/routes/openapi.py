@@ -30,7 +30,8 @@ CONTAINER_STATUS = {
     "type": "object",
     "description": "One service's lifecycle state, and what Docker says about its container.",
     "required": ["service_id", "state", "reason", "status", "ready", "container_id", "image", "started_at",
-                 "exit_code", "oom_killed", "port", "stale", "in_flight", "queued", "engine"],
+                 "exit_code", "oom_killed", "port", "stale", "in_flight", "queued", "engine",
+                 "engine_name", "address"],
     "properties": {
         "service_id": {"type": "string"},
         "state": {"type": "string", "enum": list(STATES),
@@ -52,7 +53,7 @@ CONTAINER_STATUS = {
         "exit_code": _nullable({"type": "integer"}, "The last exit code; null while running or when not found."),
         "oom_killed": _nullable({"type": "boolean"}, "Whether the kernel killed it for memory; null when not found."),
         "port": {"type": "integer", "minimum": 1, "maximum": 65535,
-                 "description": "The host port (on 127.0.0.1) that the proxy forwards to."},
+                 "description": "The host port (on its engine's address) that the proxy forwards to."},
         "stale": _nullable({"type": "boolean"},
                            "True when the container was made from another service config than the "
                            "current one (restart it to apply the change); null when not found."),
@@ -61,6 +62,9 @@ CONTAINER_STATUS = {
         "engine": {"type": "string", "enum": ["reachable", "unreachable", "unknown"],
                    "description": "unreachable: the Docker engine does not answer, and the rest is the last "
                                   "known; unknown: not asked yet (the proxy has just started)."},
+        "engine_name": {"type": "string", "description": "The engine (Docker host) it runs on: 'local' or a key "
+                                                          "of the config's engines."},
+        "address": {"type": "string", "description": "Where its port is published: its engine's address."},
     },
 }
 
@@ -147,9 +151,15 @@ def _paths() -> dict:
             "operationId": "healthz", "tags": ["health"],
             "summary": "Is the proxy up, which version, and can it reach the Docker engine",
             "responses": {"200": _json({
-                "type": "object", "required": ["status", "version", "docker_reachable", "services"],
+                "type": "object", "required": ["status", "version", "docker_reachable", "engines", "services"],
                 "properties": {"status": {"type": "string", "enum": ["ok"]}, "version": {"type": "string"},
-                               "docker_reachable": {"type": "boolean"},
+                               "docker_reachable": {"type": "boolean", "description": "The local engine's."},
+                               "engines": {"type": "object", "description": "Each engine by name: whether it "
+                                           "answers, and whether it is another host's.",
+                                           "additionalProperties": {
+                                               "type": "object", "required": ["reachable", "remote"],
+                                               "properties": {"reachable": {"type": "boolean"},
+                                                              "remote": {"type": "boolean"}}}},
                                "services": {"type": "integer", "minimum": 0,
                                             "description": "How many services the config has."}},
             }, "The proxy is up.")},

@@ -33,7 +33,7 @@ def forward(service_id: str, path: str = ""):
     try:
         environ = request.environ
         trusted = runtime.config.server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
-        headers = request_headers(environ, service.upstream_host, trusted)
+        headers = request_headers(environ, service.upstream_host, trusted, service.backend_api_key)
         body = request_body(environ, headers)
         if service.max_body_size is not None:
             body = limit_body(body, service)

@@ -98,8 +98,8 @@ class ContainerStates:
         self._infos = dict(self._containers.list_managed())
         self._synced = True
         if self.engine_reachable is not True:
-            logger.info("Docker engine reachable; following container events ({} managed containers)",
-                        len(self._infos))
+            logger.info("{} reachable; following container events ({} managed containers)",
+                        getattr(self._containers, "what", "The Docker engine"), len(self._infos))
         self.engine_reachable = True
         self.hung.clear()  # it answered: Docker work need not wait for the next ping to be let through
         for container_id in event_ids:
@@ -120,7 +120,8 @@ class ContainerStates:
         if self._stopping.is_set():
             return
         if self.engine_reachable is not False:
-            logger.warning("Docker engine not reachable ({}); keeping the last known states and retrying", why)
+            logger.warning("{} not reachable ({}); keeping the last known states and retrying",
+                           getattr(self._containers, "what", "The Docker engine"), why)
         self.engine_reachable = False
 
     # -- the heartbeat ----------------------------------------------------------------------

@@ -32,7 +32,7 @@ class IdleSweep:
         """Seconds before the service is stopped for being idle; None when it will not be
         (no idle_timeout, not running, or requests in flight)."""
         lifecycle = self.lifecycle
-        info = lifecycle.states.get(service.id)
+        info = lifecycle.engine(service).states.get(service.id)
         if not service.idle_timeout or not info.running or lifecycle.coordinator.in_flight(service.id):
             return None
         started = docker_epoch(info.started_at) or 0.0

@@ -26,6 +26,7 @@ from ..forwarding.upstream import UpstreamPool
 from ..shared.coordinator import PHASE_NONE, PHASE_STARTING, PHASE_STOPPING, Coordinator
 from .container_states import ContainerStates
 from .engine import ContainerInfo, Containers
+from .engines import Engine, Engines
 from .engine.spec import check_volume_sources
 from .readiness import probe, wait_ready
 from .states import (FAILED, PULLING, READY, STARTING, STOPPED, STOPPING, REASONS, Observed, can_move, derive,
@@ -71,11 +72,12 @@ class Lifecycle:
     """Starts, stops and reports the services (one per worker; they agree through the
     coordinator and Docker)."""
 
-    def __init__(self, config: Config, containers: Containers, states: ContainerStates,
-                 coordinator: Coordinator, pool: UpstreamPool):
+    def __init__(self, config: Config, containers: Containers | None, states: ContainerStates | None,
+                 coordinator: Coordinator, pool: UpstreamPool, engines: Engines | None = None):
+        """``engines``: the registry of every engine; without it, ``containers`` and ``states``
+        serve every service (a single engine)."""
         self.config = config
-        self.containers = containers
-        self.states = states
+        self.engines = engines if engines is not None else Engines.of(containers, states)
         self.coordinator = coordinator
         self.pool = pool
         self._jobs: dict[str, StartJob] = {}
@@ -86,11 +88,12 @@ class Lifecycle:
     def status(self, service: ServiceConfig, probe_health: bool = True) -> Status:
         """The service's state now. ``probe_health``: ask a running container that has not
         yet answered its health check again (a cheap HTTP call, no Docker call)."""
-        info = self.states.get(service.id)
-        if info.status == "unknown" and probe_health and self.states.engine_reachable is not False:
+        engine = self.engines.for_service(service)
+        info = engine.states.get(service.id)
+        if info.status == "unknown" and probe_health and engine.states.engine_reachable is not False:
             try:  # the events stream has not listed our containers yet: ask once
-                info = self._unless_engine_hangs(service, lambda: self.containers.inspect(service))
-                self.states.update(info)
+                info = self._unless_engine_hangs(service, lambda: engine.containers.inspect(service))
+                engine.states.update(info)
             except DockerUnavailable:
                 pass
         seen = Observed(docker_status=info.status, phase=self._phase(service), oom_killed=bool(info.oom_killed),
@@ -99,9 +102,13 @@ class Lifecycle:
         state, reason = derive(seen)
         return Status(state, reason, info)
 
+    def engine(self, service: ServiceConfig) -> Engine:
+        """The engine the service runs on: its containers and their states."""
+        return self.engines.for_service(service)
+
     def ready_now(self, service: ServiceConfig) -> bool:
         """Could the service take a request this moment, with no start or wait?"""
-        info = self.states.get(service.id)
+        info = self.engines.for_service(service).states.get(service.id)
         return self._phase(service) is None and info.status in ("running", "unknown") \
             and self._healthy(service, info, probe_health=True)
 
@@ -138,7 +145,8 @@ class Lifecycle:
     def _log_tail(self, service: ServiceConfig, container_id: str) -> list[str]:
         if container_id not in self._logs:
             try:
-                lines = self._unless_engine_hangs(service, lambda: self.containers.log_tail(service, _LOG_LINES)) or []
+                lines = self._unless_engine_hangs(
+                    service, lambda: self.engine(service).containers.log_tail(service, _LOG_LINES)) or []
             except DockerUnavailable:
                 return []
             self._logs = {container_id: [self._mask(line) for line in lines]}  # one dead container at a time
@@ -159,7 +167,8 @@ class Lifecycle:
             DockerUnavailable: the engine does not answer (found by the heartbeat).
         """
         try:
-            check_volume_sources(service)  # a plain local mistake: say it before anything else
+            if not self.engine(service).config.remote:  # a remote engine's files: its create refuses
+                check_volume_sources(service)  # a plain local mistake: say it before anything else
         except StartFailed as exc:
             self.coordinator.set_failure(service.id, reason_code(exc.code))
             raise
@@ -173,28 +182,29 @@ class Lifecycle:
         return job
 
     def check_engine(self, service: ServiceConfig) -> None:
-        if self.states.engine_reachable is False:
-            raise _not_answering(service)
+        if self.engine(service).states.engine_reachable is False:
+            raise _not_answering(service, self.engine(service))
 
     def _unless_engine_hangs(self, service: ServiceConfig, work: Callable[[], T]) -> T:
-        """Do Docker work, but give it up as soon as the heartbeat finds the engine not
-        answering: a hung engine would hold each call to docker-py's deadline (10 s), and an
-        admin call must answer within seconds. The work is killed where it waits (its
+        """Do Docker work, but give it up as soon as the heartbeat finds the service's engine
+        not answering: a hung engine would hold each call to docker-py's deadline (10 s), and
+        an admin call must answer within seconds. The work is killed where it waits (its
         connection is dropped, its finally blocks run); a request it had already sent may
         still be carried out when the engine wakes, and the events stream then says so.
 
         Raises:
             DockerUnavailable: the engine stopped answering (or had already).
         """
-        if self.states.hung.is_set():
-            raise _not_answering(service)
+        engine = self.engine(service)
+        if engine.states.hung.is_set():
+            raise _not_answering(service, engine)
         worker = gevent.spawn(work)
         try:
-            gevent.wait([worker, self.states.hung], count=1)
+            gevent.wait([worker, engine.states.hung], count=1)
             if worker.ready():
                 return worker.get()
             logger.warning("Docker engine not answering: giving up on the Docker work for {}", service.id)
-            raise _not_answering(service)
+            raise _not_answering(service, engine)
         finally:
             if not worker.ready():  # given up, or this greenlet itself was killed
                 worker.kill(block=True, timeout=_KILL_WAIT)
@@ -216,7 +226,7 @@ class Lifecycle:
         """
         began = time.time()
         while True:
-            info = self.states.get(service.id)
+            info = self.engine(service).states.get(service.id)
             phase = self._phase(service)
             if not service.autostart:
                 # Forward whenever it runs, loading or not: the backend's own 503 says so.
@@ -303,11 +313,12 @@ class Lifecycle:
                 info = self._create(service)
                 observe_start_stage(service.id, "create", time.monotonic() - created)
                 job.accepted.set()
-                self.states.update(info)
+                engine = self.engine(service)
+                engine.states.update(info)
                 self.coordinator.touch(service.id)  # so the idle sweep does not stop it at once
                 remaining = max(0.0, service.start_timeout - (time.monotonic() - began))
                 waited_from = time.monotonic()
-                outcome, info = wait_ready(self.pool, service, lambda: self.containers.inspect(service), remaining,
+                outcome, info = wait_ready(self.pool, service, lambda: engine.containers.inspect(service), remaining,
                                            abort=lambda: self._phase(service) == STOPPING)
                 if outcome != "aborted":
                     record_start(service.id, outcome)
@@ -341,32 +352,35 @@ class Lifecycle:
 
     def _create(self, service: ServiceConfig) -> ContainerInfo:
         try:
-            logger.info("starting {}", service.id)
-            return self.containers.start(service)
+            logger.info("starting {}{}", service.id, f" on engine {service.engine}" if self.engine(service).config.remote
+                        else "")
+            return self.engine(service).containers.start(service)
         except AlreadyRunning:
             # Started outside the lifecycle (say, the docker CLI). Docker reserves the name as
             # soon as a create begins, but the container can be inspected only once that
             # create returns: wait for it to appear rather than take "not found" for "exited".
             deadline = time.monotonic() + _CREATE_RACE_GRACE
-            info = self.containers.inspect(service)
+            containers = self.engine(service).containers
+            info = containers.inspect(service)
             while info.status == "not found" and time.monotonic() < deadline:
                 gevent.sleep(0.05)
-                info = self.containers.inspect(service)
+                info = containers.inspect(service)
             return info
 
     def _settle(self, service: ServiceConfig, outcome: str, info: ContainerInfo) -> ContainerInfo:
         """The ready container, or the error that says why the start failed."""
         if outcome == "ready":
             self.coordinator.set_ready(service.id, _token(info.container_id))
-            self.states.update(info)
+            self.engine(service).states.update(info)
             return info
         if outcome == "aborted":
             raise ServiceStopping(f"Service '{service.id}' was stopped while it started", service_id=service.id)
         if outcome == "timeout":
             # Not ready in time: stop it (it holds its GPUs for nothing) but keep it, so its
             # logs can be read until the next start.
-            self.containers.stop(service, remove=False)
-            info = self.containers.inspect(service)
+            containers = self.engine(service).containers
+            containers.stop(service, remove=False)
+            info = containers.inspect(service)
             raise StartTimeout(f"Container '{service.id}' was not ready within {service.start_timeout:g} s",
                                service_id=service.id, hint="Raise start_timeout for large models",
                                extra=self.failure_details(service, info))
@@ -425,7 +439,7 @@ class Lifecycle:
         assert can_move(current.state, STOPPING), current.state
         # Is the engine answering? Else say so now, rather than drain (refusing new requests)
         # for a stop that could not be carried out.
-        self._unless_engine_hangs(service, lambda: self.containers.inspect(service))
+        self._unless_engine_hangs(service, lambda: self.engine(service).containers.inspect(service))
         if only_if_idle:
             if not self.coordinator.set_phase(service.id, PHASE_STOPPING, expect=PHASE_NONE):
                 return StopOutcome(False, current.container)
@@ -439,11 +453,12 @@ class Lifecycle:
                 logger.info("stopping {}: waiting up to {:g} s for {} request(s) in flight", service.id,
                             service.drain_timeout, in_flight)
                 deadline = time.monotonic() + service.drain_timeout
-                while in_flight and time.monotonic() < deadline and not self.states.hung.is_set():
+                while in_flight and time.monotonic() < deadline and not self.engine(service).states.hung.is_set():
                     gevent.sleep(0.05)
                     in_flight = self.coordinator.in_flight(service.id)
-            info, exit_code = self._unless_engine_hangs(service, lambda: self.containers.stop(service))
-            self.states.update(ContainerInfo(service_id=service.id, status="not found"))
+            engine = self.engine(service)
+            info, exit_code = self._unless_engine_hangs(service, lambda: engine.containers.stop(service))
+            engine.states.update(ContainerInfo(service_id=service.id, status="not found"))
             self.coordinator.set_ready(service.id, 0)
             self.coordinator.set_failure(service.id, 0)
             return StopOutcome(True, info, exit_code, drained=max(0, initially - in_flight), cut=in_flight)
@@ -460,9 +475,9 @@ class ClientLeft(Exception):
     """The client went away while its request waited for a service to start."""
 
 
-def _not_answering(service: ServiceConfig) -> DockerUnavailable:
-    return DockerUnavailable("The Docker engine is not answering", service_id=service.id,
-                             hint="Start dockerd, or point DOCKER_HOST at a running engine")
+def _not_answering(service: ServiceConfig, engine) -> DockerUnavailable:
+    return DockerUnavailable(f"{engine.containers.what} is not answering", service_id=service.id,
+                             hint=engine.containers.hint)
 
 
 def _token(container_id: str | None) -> int:

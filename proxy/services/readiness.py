@@ -8,7 +8,7 @@ import requests
 
 from ..config import ServiceConfig
 from .engine import ContainerInfo
-from ..forwarding.upstream import UpstreamPool
+from ..forwarding.upstream import UpstreamPool, backend_headers
 
 _PROBE_TIMEOUT = (1.0, 2.0)  # connect, read: a health answer is quick or it is not ready
 _POLL_INTERVAL = 0.25
@@ -17,7 +17,7 @@ _POLL_INTERVAL = 0.25
 def probe(pool: UpstreamPool, service: ServiceConfig) -> bool:
     url = f"http://{service.upstream_host}{service.health_path}"
     try:
-        response = pool.send("GET", url, {"Host": service.upstream_host}, None, _PROBE_TIMEOUT)
+        response = pool.send("GET", url, backend_headers(service), None, _PROBE_TIMEOUT)
     except (requests.RequestException, OSError):
         return False
     try:

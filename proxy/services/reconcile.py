@@ -23,7 +23,8 @@ def reconcile(lifecycle: Lifecycle, old: Config, new: Config, change: ConfigChan
             _step("stopping removed service", service_id, lambda: lifecycle.stop(service, drain=True))
     for service_id in change.restarted:
         before, after = old.services[service_id], new.services[service_id]
-        if lifecycle.status(after, probe_health=False).state in _RUNNING:
+        # Asked of the old config: a service moved to another engine runs on the old one.
+        if lifecycle.status(before, probe_health=False).state in _RUNNING:
             _step("restarting changed service", service_id,
                   lambda: (lifecycle.stop(before, drain=True), lifecycle.start(after)))
     for group in new.groups.values():

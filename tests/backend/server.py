@@ -365,7 +365,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             try:
                 self.body = BodyReader(self.rfile, self.headers)
-                getattr(self, self.find_route())()
+                route = self.find_route()
+                self.check_api_key()
+                getattr(self, route)()
             except HttpError as err:
                 self.send_error_json(err)
             if not self.close_connection:
@@ -382,6 +384,15 @@ class Handler(BaseHTTPRequestHandler):
         if not name:
             raise HttpError(404, f"File Not Found: {self.raw_path}", "not_found_error")
         return name
+
+    # As llama-server: with an API key, everything but the health check asks for it (and the
+    # test controls, which stand outside what llama-server is).
+    PUBLIC = frozenset({"/health", "/_disconnects", "/_stats"})
+
+    def check_api_key(self):
+        key = self.server.state.args.api_key
+        if key and self.raw_path not in self.PUBLIC and self.headers.get("Authorization") != f"Bearer {key}":
+            raise HttpError(401, "Invalid API Key", "authentication_error")
 
     def require(self, *methods):
         if self.command not in methods:
@@ -748,6 +759,8 @@ def parse_args(argv=None):
     parser.add_argument("--model-name", default="test-model")
     parser.add_argument("--metrics", action="store_true", help="serve /metrics (llama-server's flag)")
     parser.add_argument("--port-file", help="also write the port here (atomically)")
+    parser.add_argument("--api-key", default=os.environ.get("LLAMA_API_KEY") or None,
+                        help="ask every request but /health for 'Authorization: Bearer KEY' (env LLAMA_API_KEY)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each request to stderr")
     return parser.parse_args(argv)
 

@@ -14,7 +14,7 @@ import docker.errors
 import requests
 from loguru import logger
 
-from ...config import ServiceConfig
+from ...config import EngineConfig, ServiceConfig
 from ...errors import AlreadyRunning, DockerUnavailable, NameConflict, StartFailed, StopFailed
 from .spec import (LABEL_INSTANCE, ContainerInfo, age_seconds, check_volume_sources, create_arguments, hint_for,
                    info_of, is_ours, labels)
@@ -31,16 +31,50 @@ _DOCKER_TIMEOUT = 10
 # engine slower than this to say "OK" counts as hung.
 PING_TIMEOUT = 1.5
 _UNREACHABLE_HINT = "Start dockerd, or point DOCKER_HOST at a running engine"
+_FIRST_CONTACT_TIMEOUT = 2  # seconds for a remote engine's version, asked when its client is made
+_BIND_SOURCE_MISSING = "bind source path does not exist"  # dockerd's refusal of a mount (a remote engine)
+
+
+def client_factory_for(engine: EngineConfig) -> Callable[[], docker.DockerClient]:
+    """How to make the engine's client: DOCKER_HOST (or the local socket) for an engine without
+    docker_host, else that URL, with the client certificate and CA for tcp:// and TLS."""
+    if engine.docker_host is None:
+        return _client_from_env
+    tls = None
+    if engine.tls is not None:
+        tls = docker.tls.TLSConfig(client_cert=(engine.tls.cert, engine.tls.key), ca_cert=engine.tls.ca, verify=True)
+
+    def make() -> docker.DockerClient:
+        # A fixed version first, so nothing is sent before trust_env is off: requests would
+        # otherwise take REQUESTS_CA_BUNDLE (or a proxy) from the environment over the
+        # engine's own CA. Then the version the engine speaks, as docker-py's "auto" does.
+        client = docker.DockerClient(base_url=engine.docker_host, tls=tls, timeout=_DOCKER_TIMEOUT,
+                                     version=docker.constants.MINIMUM_DOCKER_API_VERSION)
+        client.api.trust_env = False
+        client.api.timeout = _FIRST_CONTACT_TIMEOUT  # a hung engine must not hold the heartbeat long
+        try:
+            client.api._version = client.api._retrieve_server_version()
+        finally:
+            client.api.timeout = _DOCKER_TIMEOUT
+        return client
+
+    return make
 
 
 class Containers:
     """Docker operations for the configured services, through one lazily made client."""
 
     def __init__(self, prefix: str, client: docker.DockerClient | None = None,
-                 client_factory: Callable[[], docker.DockerClient] | None = None):
+                 client_factory: Callable[[], docker.DockerClient] | None = None,
+                 engine: EngineConfig | None = None):
         self.prefix = prefix
+        self.engine = engine or EngineConfig("local")
         self._client = client
-        self._client_factory = client_factory or _client_from_env
+        self._client_factory = client_factory or client_factory_for(self.engine)
+        # Messages name a remote engine: with several, "the engine" would not say which.
+        self.what = f"The Docker engine '{self.engine.name}'" if self.engine.remote else "The Docker engine"
+        self.hint = (f"Check that the engine '{self.engine.name}' at {self.engine.docker_host} runs and that this "
+                     "host may reach it (firewall, TLS files)") if self.engine.remote else _UNREACHABLE_HINT
 
     # -- the client ---------------------------------------------------------------------
 
@@ -50,7 +84,7 @@ class Containers:
             try:
                 self._client = self._client_factory()
             except docker.errors.DockerException as exc:
-                raise DockerUnavailable(f"The Docker engine is not reachable: {exc}", hint=_UNREACHABLE_HINT) from None
+                raise DockerUnavailable(f"{self.what} is not reachable: {exc}", hint=self.hint) from None
         return self._client
 
     def ping(self, timeout: float = PING_TIMEOUT) -> bool:
@@ -69,9 +103,8 @@ class Containers:
         try:
             return action()
         except (requests.ConnectionError, requests.Timeout) as exc:
-            logger.error("Docker engine unreachable{}: {}", f" (service {service_id})" if service_id else "", exc)
-            raise DockerUnavailable("The Docker engine is not reachable", service_id=service_id,
-                                    hint=_UNREACHABLE_HINT) from None
+            logger.error("{} unreachable{}: {}", self.what, f" (service {service_id})" if service_id else "", exc)
+            raise DockerUnavailable(f"{self.what} is not reachable", service_id=service_id, hint=self.hint) from None
         except docker.errors.NotFound:
             raise
         except docker.errors.APIError:
@@ -81,12 +114,11 @@ class Containers:
         except docker.errors.DockerException:
             return self._unavailable(service_id)
 
-    @staticmethod
-    def _unavailable(service_id: str | None):
+    def _unavailable(self, service_id: str | None):
         """Raise DockerUnavailable for the Docker error being handled."""
         message = _explanation(sys.exc_info()[1])
-        logger.error("Docker engine error{}: {}", f" (service {service_id})" if service_id else "", message)
-        raise DockerUnavailable(f"The Docker engine answered with an error: {message}", service_id=service_id,
+        logger.error("{} error{}: {}", self.what, f" (service {service_id})" if service_id else "", message)
+        raise DockerUnavailable(f"{self.what} answered with an error: {message}", service_id=service_id,
                                 hint="Check the engine's health (docker info) and its log") from None
 
     def name(self, service_id: str) -> str:
@@ -162,7 +194,8 @@ class Containers:
                 volume_missing); nothing is left holding the name.
             DockerUnavailable: the engine cannot be reached.
         """
-        check_volume_sources(service)
+        if not self.engine.remote:
+            check_volume_sources(service)  # a remote engine refuses the create instead (mounts)
         self._clear_name(service)
         try:
             container = self._create(service)
@@ -201,7 +234,7 @@ class Containers:
 
     def _create(self, service: ServiceConfig):
         """Create the container; APIError (but ImageNotFound) is left to the caller."""
-        kwargs = create_arguments(self.prefix, service)
+        kwargs = create_arguments(self.prefix, service, strict_mounts=self.engine.remote)
         try:
             return self._call(lambda: self.client.containers.create(**kwargs), service, keep_api_errors=True)
         except docker.errors.ImageNotFound:
@@ -213,8 +246,7 @@ class Containers:
         try:
             self.client.images.pull(service.image)
         except (requests.ConnectionError, requests.Timeout):
-            raise DockerUnavailable("The Docker engine is not reachable", service_id=service.id,
-                                    hint=_UNREACHABLE_HINT) from None
+            raise DockerUnavailable(f"{self.what} is not reachable", service_id=service.id, hint=self.hint) from None
         except docker.errors.DockerException as exc:
             message = _explanation(exc)
             logger.error("pulling image {} failed: {}", service.image, message)
@@ -225,6 +257,10 @@ class Containers:
     def _start_failed(self, service: ServiceConfig, exc: docker.errors.APIError, step: str) -> StartFailed:
         message = _explanation(exc)
         logger.error("container {} failed to {}: {}", self.name(service.id), step, message)
+        if _BIND_SOURCE_MISSING in message:
+            return StartFailed(f"Bind-mount source does not exist on engine '{self.engine.name}': {message}",
+                               service_id=service.id, code="volume_missing",
+                               hint=f"Create it on that host, or fix services.{service.id}.volumes")
         code = "image_unavailable" if isinstance(exc, docker.errors.ImageNotFound) else "start_failed"
         return StartFailed(f"Docker could not {step} the container for '{service.id}': {message}",
                            service_id=service.id, code=code, hint=hint_for(message, service))

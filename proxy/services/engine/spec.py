@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount
 
 from ...config import ServiceConfig
 from ...errors import StartFailed
@@ -85,19 +85,31 @@ def device_requests(gpus) -> list[DeviceRequest]:
     return [DeviceRequest(device_ids=list(gpus), capabilities=[["gpu"]])]
 
 
-def create_arguments(prefix: str, service: ServiceConfig) -> dict:
-    """docker-py's ``containers.create`` keyword arguments for the service."""
+def create_arguments(prefix: str, service: ServiceConfig, strict_mounts: bool = False) -> dict:
+    """docker-py's ``containers.create`` keyword arguments for the service.
+
+    ``strict_mounts``: bind mounts through the Mounts API, which refuses a missing source
+    at create time rather than making an empty folder there: for an engine on another host,
+    whose files the proxy cannot look at.
+    """
+    environment = dict(service.environment)
+    if service.backend_api_key:
+        environment["LLAMA_API_KEY"] = service.backend_api_key  # llama-server then asks for it
     kwargs = dict(
         image=service.image,
         command=list(service.args) or None,
         name=f"{prefix}-{service.id}",
         labels=labels(prefix, service),
-        ports={f"{service.container_port}/tcp": ("127.0.0.1", service.port)},
-        volumes=[f"{v.host_path}:{v.container_path}:{v.mode}" for v in service.volumes],
-        environment=dict(service.environment),
+        ports={f"{service.container_port}/tcp": (service.address, service.port)},  # that host's address only
+        environment=environment,
         device_requests=device_requests(service.resources.gpus),
         detach=True,
     )
+    if strict_mounts:
+        kwargs["mounts"] = [Mount(v.container_path, v.host_path, type="bind", read_only=v.mode == "ro")
+                            for v in service.volumes]
+    else:
+        kwargs["volumes"] = [f"{v.host_path}:{v.container_path}:{v.mode}" for v in service.volumes]
     if service.resources.memory:
         kwargs["mem_limit"] = service.resources.memory
     if service.resources.cpus:
