@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import requests
@@ -13,9 +14,15 @@ CLOSE = {"Connection": "close"}  # each scrape on a new connection, so any worke
 MESSAGES = [{"role": "user", "content": "count to three please"}]
 
 
+# Workers hand their per-request counts to the shared files every 0.25 s (a scrape flushes
+# only the worker that answers it): a scrape this long after the traffic sees all of it.
+SETTLE = 0.6
+
+
 def scrape(proxy, headers: dict | None = None) -> dict:
     """Every sample of one scrape, {(sample name, sorted labels): value}; the exposition
     must parse and declare each family once."""
+    time.sleep(SETTLE)
     answer = requests.get(f"{proxy.url}/metrics", headers={**CLOSE, **(headers or {})}, timeout=15)
     assert answer.status_code == 200, answer.text[:500]
     assert answer.headers["Content-Type"].startswith("text/plain"), answer.headers["Content-Type"]

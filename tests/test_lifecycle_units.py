@@ -106,6 +106,8 @@ def test_the_state_follows_from_what_docker_and_the_workers_say(seen, expected):
 class _EngineAnswers500:
     """A real engine cannot be told to fail an API call with a 500 on demand; this can."""
 
+    prefix = "test"
+
     def start(self, service):
         raise docker.errors.APIError("500 Server Error: engine hiccup")
 
@@ -168,6 +170,8 @@ def test_a_queued_request_whose_greenlet_is_killed_gives_its_place_back(config, 
 
 class _RecordingEngine:
     """Containers that start and stop at once, and a log of what happened in which order."""
+
+    prefix = "test"
 
     def __init__(self, running: set[str]):
         self.running = set(running)

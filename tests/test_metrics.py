@@ -29,7 +29,8 @@ COUNTED = ("inference_proxy_requests_total", "inference_proxy_rejected_total",
            "inference_proxy_time_to_first_byte_seconds_count", "inference_proxy_tokens_per_second_count")
 
 
-BOUNDED_LABELS = {"service", "route", "code", "reason", "kind", "outcome", "stage", "group", "state", "version", "le"}
+BOUNDED_LABELS = {"service", "route", "code", "reason", "kind", "outcome", "stage", "group", "state", "version", "le",
+                  "engine"}  # engine: a configured engine name
 
 
 def counted(samples: dict) -> dict:
@@ -113,7 +114,7 @@ def test_every_family_counts_the_traffic_of_both_workers_and_outlives_them(start
     assert (value(samples, "inference_proxy_in_flight", service="limited"),
             value(samples, "inference_proxy_queued", service="limited")) == (0, 0)
     assert value(samples, "inference_proxy_build_info", version=__version__) == 1
-    assert value(samples, "inference_proxy_docker_engine_up") == 0  # this proxy has no engine
+    assert value(samples, "inference_proxy_docker_engine_up", engine="local") == 0  # this proxy has no engine
     # The stand-in's own count, relabelled: what it generated for the answers it finished.
     assert value(samples, "llamacpp:tokens_predicted_total", service="llm") == sum(c for _, c in tokens)
     assert value(samples, "inference_proxy_backend_scrape_errors_total", service="dead") == 0  # metrics_path: null

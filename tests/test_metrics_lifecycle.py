@@ -30,7 +30,7 @@ def test_starts_a_swap_and_an_idle_stop_are_counted_once(engine_proxy):
                          groups={"gpu": {"exclusive": True}}, log_level="INFO")
     def both_stopped():
         samples = scrape(proxy)
-        return value(samples, "inference_proxy_docker_engine_up") == 1 and \
+        return value(samples, "inference_proxy_docker_engine_up", engine="local") == 1 and \
             state_of(samples, "first") == state_of(samples, "second") == ["stopped"]
     for _ in range(4):  # whichever worker answers
         wait_until(both_stopped, timeout=15, what="the engine up and both services stopped")

@@ -198,11 +198,14 @@ class Lifecycle:
         engine = self.engine(service)
         if engine.states.hung.is_set():
             raise _not_answering(service, engine)
-        worker = gevent.spawn(work)
+        worker = gevent.spawn(_outcome_of, work)
         try:
             gevent.wait([worker, engine.states.hung], count=1)
             if worker.ready():
-                return worker.get()
+                done, value = worker.get()
+                if not done:
+                    raise value
+                return value
             logger.warning("Docker engine not answering: giving up on the Docker work for {}", service.id)
             raise _not_answering(service, engine)
         finally:
@@ -473,6 +476,15 @@ class Lifecycle:
 
 class ClientLeft(Exception):
     """The client went away while its request waited for a service to start."""
+
+
+def _outcome_of(work: Callable[[], T]) -> tuple[bool, object]:
+    """(True, its result) or (False, its exception): the caller raises it in its own
+    greenlet, so the worker greenlet never dies of it (gevent would print it as unhandled)."""
+    try:
+        return True, work()
+    except Exception as exc:  # noqa: BLE001 - handed over whole to the caller, who raises it
+        return False, exc
 
 
 def _not_answering(service: ServiceConfig, engine) -> DockerUnavailable:
