@@ -14,7 +14,8 @@ class DockerRelay:
     def __init__(self, path: str, target: str = DOCKER_SOCKET):
         self.path = path
         self.target = target
-        self.requests_seen = 0  # bytes that looked like the start of an HTTP request
+        self.requests_seen = 0  # bytes that looked like the start of an HTTP request, pings aside
+        self.pings_seen = 0  # the heartbeat's (GET /_ping): every worker sends two a second
         self._listener: socket.socket | None = None
         self._links: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -64,7 +65,10 @@ class DockerRelay:
     def _from_proxy(self, data: bytes) -> None:
         """Sees each piece the proxy sends before it goes on (subclasses may hold it)."""
         if data[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE"):
-            self.requests_seen += 1
+            if b"/_ping " in data.split(b"\r\n", 1)[0]:
+                self.pings_seen += 1
+            else:
+                self.requests_seen += 1
 
     def _pump(self, source: socket.socket, sink: socket.socket, from_proxy: bool) -> None:
         try:

@@ -99,7 +99,7 @@ class ContainerStates:
         self._synced = True
         if self.engine_reachable is not True:
             logger.info("{} reachable; following container events ({} managed containers)",
-                        getattr(self._containers, "what", "The Docker engine"), len(self._infos))
+                        getattr(self._containers, "label", "Docker engine"), len(self._infos))
         self.engine_reachable = True
         self.hung.clear()  # it answered: Docker work need not wait for the next ping to be let through
         for container_id in event_ids:
@@ -121,7 +121,7 @@ class ContainerStates:
             return
         if self.engine_reachable is not False:
             logger.warning("{} not reachable ({}); keeping the last known states and retrying",
-                           getattr(self._containers, "what", "The Docker engine"), why)
+                           getattr(self._containers, "label", "Docker engine"), why)
         self.engine_reachable = False
 
     # -- the heartbeat ----------------------------------------------------------------------

@@ -167,8 +167,7 @@ class Lifecycle:
             DockerUnavailable: the engine does not answer (found by the heartbeat).
         """
         try:
-            if not self.engine(service).config.remote:  # a remote engine's files: its create refuses
-                check_volume_sources(service)  # a plain local mistake: say it before anything else
+            self._check_volumes(service)
         except StartFailed as exc:
             self.coordinator.set_failure(service.id, reason_code(exc.code))
             raise
@@ -284,6 +283,7 @@ class Lifecycle:
 
     def _run_start(self, service: ServiceConfig, job: StartJob) -> None:
         try:
+            self._check_volumes(service)  # before any Docker work: an engine away would hide it
             info = self._unless_engine_hangs(service, lambda: self._start(service, job))
             logger.info("service {} is ready", service.id)
             job.result.set(info)
@@ -302,6 +302,12 @@ class Lifecycle:
         finally:
             job.accepted.set()
 
+    def _check_volumes(self, service: ServiceConfig) -> None:
+        """A missing bind-mount source on this host is a plain mistake: say so before any
+        Docker work (an engine away would hide it). A remote engine's create refuses it."""
+        if not self.engine(service).config.remote:
+            check_volume_sources(service)
+
     def _start(self, service: ServiceConfig, job: StartJob) -> ContainerInfo:
         self._claim(service, PHASE_STARTING, job)
         try:
@@ -314,6 +320,11 @@ class Lifecycle:
                                           service_id=service.id)
                 created = time.monotonic()
                 info = self._create(service)
+                if self.coordinator.phase(service.id) != PHASE_STARTING:
+                    # A stop came while the container was being made: it must not outlive it.
+                    self.engine(service).containers.stop(service)
+                    raise ServiceStopping(f"Service '{service.id}' was stopped while it started",
+                                          service_id=service.id)
                 observe_start_stage(service.id, "create", time.monotonic() - created)
                 job.accepted.set()
                 engine = self.engine(service)

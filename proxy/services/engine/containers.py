@@ -73,6 +73,7 @@ class Containers:
         self._client_factory = client_factory or client_factory_for(self.engine)
         # Messages name a remote engine: with several, "the engine" would not say which.
         self.what = f"The Docker engine '{self.engine.name}'" if self.engine.remote else "The Docker engine"
+        self.label = self.what.removeprefix("The ")  # for log lines: "Docker engine 'gpu2' not reachable"
         self.hint = (f"Check that the engine '{self.engine.name}' at {self.engine.docker_host} runs and that this "
                      "host may reach it (firewall, TLS files)") if self.engine.remote else _UNREACHABLE_HINT
 
