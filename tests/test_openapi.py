@@ -32,7 +32,10 @@ DOCKER_FAILURES = frozenset({"start_failed", "image_unavailable", "volume_missin
                              "start_timeout", "stop_failed", "docker_unavailable"})
 ADMIN_ROUTES = {"/healthz": {"get"}, "/api/v1/openapi.json": {"get"}, "/api/v1/services": {"get"},
                 "/api/v1/container/{service_id}": {"get"}, "/api/v1/service/{service_id}/start": {"post"},
-                "/api/v1/service/{service_id}/stop": {"post"}}
+                "/api/v1/service/{service_id}/stop": {"post"}, "/api/v1/events": {"get"}}
+# Answers that do not end while the client reads: held to the document by the tests of their own
+# (test_event_feed.py), not by the random run, which reads every answer to its end.
+ENDLESS = ["/api/v1/events"]
 REQUEST_TIMEOUT = 30  # seconds for one call; a start with wait=true on the test image takes about 1
 
 
@@ -152,7 +155,7 @@ schema = schemathesis.openapi.from_dict(document(["llm", "slow"]), config=schema
 
 @pytest.mark.engine
 @pytest.mark.timeout(120)
-@schema.parametrize()
+@schema.exclude(path=ENDLESS).parametrize()
 @settings(max_examples=40, deadline=timedelta(seconds=REQUEST_TIMEOUT + 5), derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], database=None)
 def test_the_admin_api_keeps_to_its_document(case, api_proxy):

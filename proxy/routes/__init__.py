@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Flask
 
 from ..config import Config
-from . import admin, health, metrics, openai, service
+from . import admin, health, metrics, observe, openai, service  # observe: more /api/v1 routes
 from .auth import register_auth
 from .cross_site import register_cross_site
 

@@ -26,18 +26,36 @@ def _nullable(schema: dict, description: str) -> dict:
     return {**schema, "nullable": True, "description": description}
 
 
+PULL_PROGRESS = {
+    "type": "object",
+    "description": "How far an image pull has come (layers and bytes as Docker reports them).",
+    "required": ["layers_done", "layers_total", "bytes_done", "bytes_total", "percent"],
+    "properties": {
+        "layers_done": {"type": "integer", "minimum": 0, "description": "Layers downloaded and extracted, "
+                                                                         "or already present."},
+        "layers_total": {"type": "integer", "minimum": 0, "description": "Layers the image has (known once "
+                                                                          "its manifest was read)."},
+        "bytes_done": {"type": "integer", "minimum": 0, "description": "Bytes of the layers downloaded."},
+        "bytes_total": {"type": "integer", "minimum": 0, "description": "Bytes of the layers whose size is "
+                                                                         "known so far."},
+        "percent": _nullable({"type": "number", "minimum": 0, "maximum": 100},
+                             "bytes_done of bytes_total; null until a total is known."),
+    },
+}
+
 CONTAINER_STATUS = {
     "type": "object",
     "description": "One service's lifecycle state, and what Docker says about its container.",
     "required": ["service_id", "state", "reason", "status", "ready", "container_id", "image", "started_at",
-                 "exit_code", "oom_killed", "port", "stale", "in_flight", "queued", "engine"],
+                 "exit_code", "oom_killed", "progress", "port", "stale", "in_flight", "queued", "engine"],
     "properties": {
         "service_id": {"type": "string"},
         "state": {"type": "string", "enum": list(STATES),
-                  "description": "The lifecycle state, the same from every worker: stopped, starting (being "
-                                 "created, or running but health_path not yet 200), ready, stopping (draining "
-                                 "or stopping), failed (the last start failed, or the container exited "
-                                 "without being asked to)."},
+                  "description": "The lifecycle state, the same from every worker: stopped, pulling (its image "
+                                 "is being pulled before the container is made), starting (being created, or "
+                                 "running but health_path not yet 200), ready, stopping (draining or "
+                                 "stopping), failed (the last start failed, or the container exited without "
+                                 "being asked to)."},
         "reason": _nullable({"type": "string", "enum": list(REASONS)}, "Why it is failed; null otherwise."),
         "status": {"type": "string",
                    "description": "Docker's status (running, exited, created, restarting, paused, removing, "
@@ -51,6 +69,7 @@ CONTAINER_STATUS = {
                                 "null when never started or not found."),
         "exit_code": _nullable({"type": "integer"}, "The last exit code; null while running or when not found."),
         "oom_killed": _nullable({"type": "boolean"}, "Whether the kernel killed it for memory; null when not found."),
+        "progress": _nullable(PULL_PROGRESS, "The image pull's progress while the state is pulling; null otherwise."),
         "port": {"type": "integer", "minimum": 1, "maximum": 65535,
                  "description": "The host port (on 127.0.0.1) that the proxy forwards to."},
         "stale": _nullable({"type": "boolean"},
@@ -165,6 +184,20 @@ def _paths() -> dict:
                     "One status per configured service, in config order."),
                 "503": _DOCKER_DOWN,
             },
+        }},
+        "/api/v1/events": {"get": {
+            "operationId": "events", "tags": ["admin"],
+            "summary": "The live event feed (Server-Sent Events): a snapshot, then one event per change",
+            "description": "First `event: snapshot`, whose data is `{\"services\": [ContainerStatus, ...]}` as "
+                           "GET /api/v1/services answers; then `event: service` per change of a service's "
+                           "state, status, reason or progress (at most once a second while pulling), with "
+                           "data `{service_id, state, status, reason, progress, time}` (time: ISO-8601 UTC), "
+                           "plus `exit_code` and `oom_killed` when its container exited; `event: reload` "
+                           "when the config was reloaded, with data `{added, removed, restarted, updated, "
+                           "time}`. A `: keep-alive` comment after 15 s of silence. The answer does not end "
+                           "while the client reads.",
+            "responses": {"200": {"description": "The event stream.",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
         }},
         "/api/v1/container/{service_id}": {"get": {
             "operationId": "containerStatus", "tags": ["admin"], "summary": "One service's status",

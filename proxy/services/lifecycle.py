@@ -44,6 +44,7 @@ class Status:
     state: str
     reason: str | None
     container: ContainerInfo
+    progress: dict | None = None  # while pulling: layers_done, layers_total, bytes_done, bytes_total, percent
 
 
 @dataclass
@@ -95,6 +96,14 @@ class Lifecycle:
                         failure=reason_of(self.coordinator.failure(service.id)[0]))
         state, reason = derive(seen)
         return Status(state, reason, info)
+
+    def check_health(self, service: ServiceConfig) -> bool:
+        """Probe a running container that no start is watching (started with the docker CLI,
+        adopted after a restart) and mark it healthy if it answers (no Docker call)."""
+        info = self.states.get(service.id)
+        if not info.running or self._phase(service) is not None:
+            return False
+        return self._healthy(service, info, probe_health=True)
 
     def ready_now(self, service: ServiceConfig) -> bool:
         """Could the service take a request this moment, with no start or wait?"""
