@@ -158,6 +158,24 @@ TIMEOUT = {
     "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 3600, "default": 300},
 }
 
+def _flag(name: str, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"], "default": "false"}}
+
+
+LOG_PARAMETERS = [
+    {"name": "tail", "in": "query", "required": False,
+     "description": "How many of the last lines to give: a number, or 'all'.",
+     "schema": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 1000000},
+                          {"type": "string", "enum": ["all"]}], "default": 200}},
+    _flag("follow", "Go on streaming new lines until the container stops (or the client leaves)."),
+    {"name": "since", "in": "query", "required": False,
+     "description": "Only lines written in the last this many seconds.",
+     "schema": {"type": "number", "minimum": 0, "maximum": 315360000}},
+    _flag("timestamps", "Begin each line with Docker's RFC 3339 timestamp of it."),
+]
+
+
 def _paths() -> dict:
     return {
         "/healthz": {"get": {
@@ -198,6 +216,24 @@ def _paths() -> dict:
                            "while the client reads.",
             "responses": {"200": {"description": "The event stream.",
                                   "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+        }},
+        "/api/v1/service/{service_id}/logs": {"get": {
+            "operationId": "serviceLogs", "tags": ["admin"],
+            "summary": "The container's stdout and stderr, one log line per line, the configured secrets masked",
+            "description": "Also of a container that failed or exited, until the service's next start. With "
+                           "follow=true the answer goes on until the container stops.",
+            "parameters": [SERVICE_ID, *LOG_PARAMETERS],
+            "responses": {
+                "200": {"description": "The log lines.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "400": _error(400, {"invalid_parameter": "bad tail, follow, since or timestamps",
+                                    **_HOST_NOT_ALLOWED}),
+                "404": _error(404, {"service_not_found": "no such service in the config",
+                                    "no_container": "the service has no container (never started, or stopped "
+                                                    "and removed)",
+                                    "not_found": "the id holds a '/', so no route matches"}),
+                "503": _DOCKER_DOWN,
+            },
         }},
         "/api/v1/container/{service_id}": {"get": {
             "operationId": "containerStatus", "tags": ["admin"], "summary": "One service's status",

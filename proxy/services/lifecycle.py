@@ -21,6 +21,7 @@ from loguru import logger
 from ..config import Config, ServiceConfig
 from ..errors import (AlreadyRunning, DockerUnavailable, ProxyError, ServiceNotRunning, ServiceStopping, StartFailed,
                       StartTimeout)
+from ..masking import masker
 from ..metrics.families import observe_start_stage, record_start, record_swap
 from ..forwarding.upstream import UpstreamPool
 from ..shared.coordinator import PHASE_NONE, PHASE_STARTING, PHASE_STOPPING, Coordinator
@@ -151,9 +152,7 @@ class Lifecycle:
         return self._logs[container_id]
 
     def _mask(self, text: str) -> str:
-        for secret in _secrets(self.config):
-            text = text.replace(secret, "***")
-        return text
+        return masker(self.config.secrets)(text)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -446,10 +445,3 @@ def _token(container_id: str | None) -> int:
     """A container id as a number that fits the coordinator's int64 cells (60 bits)."""
     return int(container_id[:15], 16) if container_id else 0
 
-
-def _secrets(config: Config) -> list[str]:
-    found = list(getattr(config, "secrets", ()) or ())
-    if config.server.admin_token:
-        found.append(config.server.admin_token)
-    found.extend(config.server.api_keys)
-    return [secret for secret in found if secret]
