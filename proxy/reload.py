@@ -19,6 +19,7 @@ from .config.model import text_digest
 from .log import setup_logging
 from .metrics.families import declare
 from .routes import install_policies
+from .services.feed import publish_reload
 
 _CHECK_EVERY = 1.0  # seconds between looks at the file (a change is applied within two)
 
@@ -80,6 +81,8 @@ class Reloader:
         if not change.empty:
             logger.info("configuration reloaded from {}: {}", self.path,
                         ", ".join(f"{kind} {', '.join(ids)}" for kind, ids in change.to_dict().items() if ids))
+        if not change.empty:  # every worker tells its own subscribers of the event feed
+            publish_reload(change.added, change.removed, change.restarted, change.updated)
         if change.needs_restart:
             logger.warning("configuration reload: {} change(s) only with a restart of the proxy",
                            ", ".join(f"server.{name}" for name in change.needs_restart))

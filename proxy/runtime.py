@@ -8,9 +8,11 @@ from .metrics import families as metrics
 from .forwarding.inbound import BufferBudget
 from .forwarding.upstream import UpstreamPool
 from .services.engines import Engines
+from .services.feed import EventFeed
 from .services.idle import IdleSweep
 from .services.lifecycle import Lifecycle
 from .shared.coordinator import for_services
+
 
 class Runtime:
     """The config, the Docker side, the upstream pool and the lifecycle owner of one
@@ -25,6 +27,7 @@ class Runtime:
         self.coordinator = for_services(list(config.services), list(config.groups))
         self.lifecycle = Lifecycle(config, None, None, self.coordinator, self.upstream, engines=self.engines)
         self.idle = IdleSweep(self.lifecycle)
+        self.feed = EventFeed(self.lifecycle)  # GET /api/v1/events; its watcher runs only while subscribed
 
     @property
     def containers(self):
@@ -56,6 +59,7 @@ class Runtime:
         """Stop the background loops and close the pooled connections (a worker exiting)."""
         self._flusher.kill(block=False)
         metrics.flush()  # the last counts of this worker
+        self.feed.close()
         self.idle.stop()
         self.engines.stop()
         self.upstream.close()

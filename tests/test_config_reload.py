@@ -6,6 +6,7 @@ Each test has its own container prefix; every container under it is removed afte
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -199,3 +200,19 @@ def test_a_concurrency_limit_holds_across_a_reload(reloading_proxy):
         # The request in flight before the reload still counts after it, in every worker.
         assert _on_fresh_connections(proxy, "/service/limited/health") == {429}
         assert_complete(busy.result(), 40)
+
+
+def test_the_event_feed_carries_a_reload_event_with_what_changed(engine_proxy):
+    proxy = engine_proxy({"steady": service_entry(free_port())}, server_extra={"watch_config": False})
+    with requests.get(f"{proxy.url}/api/v1/events", stream=True, timeout=30) as feed:
+        lines = feed.iter_lines()
+        assert next(lines) == b"event: snapshot"
+        config = _config(proxy)
+        config["services"]["fresh"] = service_entry(free_port())
+        _write(proxy, config)
+        assert api(proxy, "POST", "/reload").status_code == 200
+        for line in lines:
+            if line == b"event: reload":
+                data = json.loads(next(lines).decode().removeprefix("data: "))
+                break
+    assert (data["added"], data["removed"], data["restarted"], data["updated"]) == (["fresh"], [], [], [])

@@ -8,7 +8,7 @@ from flask import Flask
 from ..config import Config
 from ..forwarding.inbound import register_body_guard
 from ..log import register_request_log
-from . import admin, health, metrics, openai, service
+from . import admin, health, metrics, observe, openai, service  # observe: more /api/v1 routes
 from .auth import register_auth
 from .cross_site import register_cross_site
 

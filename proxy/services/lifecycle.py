@@ -21,6 +21,7 @@ from loguru import logger
 from ..config import Config, ServiceConfig
 from ..errors import (AlreadyRunning, DockerUnavailable, ProxyError, ServiceNotRunning, ServiceStopping, StartFailed,
                       StartTimeout)
+from ..masking import masker
 from ..metrics.families import observe_start_stage, record_start, record_swap
 from ..forwarding.upstream import UpstreamPool
 from ..shared.coordinator import PHASE_NONE, PHASE_STARTING, PHASE_STOPPING, Coordinator
@@ -48,6 +49,7 @@ class Status:
     state: str
     reason: str | None
     container: ContainerInfo
+    progress: dict | None = None  # while pulling: layers_done, layers_total, bytes_done, bytes_total, percent
 
 
 @dataclass
@@ -106,6 +108,14 @@ class Lifecycle:
         """The engine the service runs on: its containers and their states."""
         return self.engines.for_service(service)
 
+    def check_health(self, service: ServiceConfig) -> bool:
+        """Probe a running container that no start is watching (started with the docker CLI,
+        adopted after a restart) and mark it healthy if it answers (no Docker call)."""
+        info = self.engine(service).states.get(service.id)
+        if not info.running or self._phase(service) is not None:
+            return False
+        return self._healthy(service, info, probe_health=True)
+
     def ready_now(self, service: ServiceConfig) -> bool:
         """Could the service take a request this moment, with no start or wait?"""
         info = self.engines.for_service(service).states.get(service.id)
@@ -153,9 +163,7 @@ class Lifecycle:
         return self._logs[container_id]
 
     def _mask(self, text: str) -> str:
-        for secret in _secrets(self.config):
-            text = text.replace(secret, "***")
-        return text
+        return masker(self.config.secrets)(text)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -507,10 +515,3 @@ def _token(container_id: str | None) -> int:
     """A container id as a number that fits the coordinator's int64 cells (60 bits)."""
     return int(container_id[:15], 16) if container_id else 0
 
-
-def _secrets(config: Config) -> list[str]:
-    found = list(getattr(config, "secrets", ()) or ())
-    if config.server.admin_token:
-        found.append(config.server.admin_token)
-    found.extend(config.server.api_keys)
-    return [secret for secret in found if secret]
