@@ -39,6 +39,8 @@ def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
     status = runtime.lifecycle.status(service, probe_health=probe_health)
     info = status.container
     stale = None if info.config_hash is None else info.config_hash != config_hash(service)
+    left = runtime.idle.seconds_left(service)
+    gpus = service.resources.gpus
     return {
         "service_id": service.id,
         "state": status.state,
@@ -55,6 +57,14 @@ def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
         "in_flight": runtime.coordinator.in_flight(service.id),
         "queued": runtime.coordinator.waiting(service.id),
         "engine": _ENGINE_WORDS[runtime.states.engine_reachable],
+        # What the config says about it, for the status page.
+        "aliases": list(service.aliases),
+        "group": service.group,
+        "exclusive": service.group is not None and runtime.config.groups[service.group].exclusive,
+        "gpus": list(gpus) if isinstance(gpus, tuple) else gpus,  # null, "all", a count, or device ids
+        "autostart": service.autostart,
+        "idle_timeout": service.idle_timeout,
+        "idle_seconds_left": None if left is None else round(left, 1),
     }
 
 

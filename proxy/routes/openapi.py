@@ -30,7 +30,8 @@ CONTAINER_STATUS = {
     "type": "object",
     "description": "One service's lifecycle state, and what Docker says about its container.",
     "required": ["service_id", "state", "reason", "status", "ready", "container_id", "image", "started_at",
-                 "exit_code", "oom_killed", "port", "stale", "in_flight", "queued", "engine"],
+                 "exit_code", "oom_killed", "port", "stale", "in_flight", "queued", "engine", "aliases", "group",
+                 "exclusive", "gpus", "autostart", "idle_timeout", "idle_seconds_left"],
     "properties": {
         "service_id": {"type": "string"},
         "state": {"type": "string", "enum": list(STATES),
@@ -61,6 +62,19 @@ CONTAINER_STATUS = {
         "engine": {"type": "string", "enum": ["reachable", "unreachable", "unknown"],
                    "description": "unreachable: the Docker engine does not answer, and the rest is the last "
                                   "known; unknown: not asked yet (the proxy has just started)."},
+        "aliases": {"type": "array", "items": {"type": "string"},
+                    "description": "More model names routed to it (services.<id>.aliases)."},
+        "group": _nullable({"type": "string"}, "Its group (services.<id>.group); null when none."),
+        "exclusive": {"type": "boolean", "description": "Whether its group is exclusive (false without a group)."},
+        "gpus": _nullable({"oneOf": [{"type": "string", "enum": ["all"]}, {"type": "integer", "minimum": 1},
+                                     {"type": "array", "items": {"type": "string"}}]},
+                          "The GPUs it asks for (resources.gpus): 'all', a count or device ids; null: none."),
+        "autostart": {"type": "boolean", "description": "Whether a request starts it when it is not running."},
+        "idle_timeout": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True},
+                                  "Seconds without a request before it is stopped; null: never."),
+        "idle_seconds_left": _nullable({"type": "number", "minimum": 0},
+                                       "Seconds before it is stopped for being idle; null when no idle stop "
+                                       "is due (no idle_timeout, not running, or requests in flight)."),
     },
 }
 
