@@ -56,9 +56,9 @@ export function progress(p) {
 
 export const REASONS = {
   start_failed: "Docker refused to start it",
-  image_unavailable: "its image is not here and could not be pulled",
+  image_unavailable: "its image is missing and could not be pulled",
   volume_missing: "a volume's host path does not exist",
-  container_exited: "the container exited",
-  oom_killed: "the container ran out of memory (OOM-killed)",
-  start_timeout: "it was not ready within start_timeout",
+  container_exited: "the container exited by itself",
+  oom_killed: "the container ran out of memory",
+  start_timeout: "it was not ready within its start_timeout",
 };

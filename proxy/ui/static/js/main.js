@@ -42,8 +42,12 @@ setCredentialPrompt((credential, refusal) =>
 );
 
 const playground = new Playground();
-// A request resets the idle countdown and the counts: show them afresh.
-playground.onAnswered = (serviceId) => serviceId && services.get(serviceId) && refresh(serviceId);
+// A request resets the idle countdown and the counts: show them afresh, once the proxy has
+// counted the request out (just after the answer's last byte).
+const AFTER_ANSWER = 300; // ms
+playground.onAnswered = (serviceId) => {
+  if (serviceId && services.get(serviceId)) setTimeout(() => refresh(serviceId), AFTER_ANSWER);
+};
 
 const services = new Services($("services"), $("service-template"), $("services-empty"), {
   async start(id) {

@@ -109,8 +109,9 @@ export class Playground {
       const loading = (comment) => {
         if (first === null && comment.startsWith("loading")) this.say("loading the model…");
       };
+      // Read to the end (past [DONE]): the request counts as in flight until the proxy is done.
       for await (const { data } of events(response, { onComment: loading })) {
-        if (data === "[DONE]") break;
+        if (data === "[DONE]") continue;
         let chunk;
         try {
           chunk = JSON.parse(data);

@@ -194,8 +194,8 @@ class Card {
     const box = this.field("failure");
     box.hidden = d.state !== "failed";
     if (d.state !== "failed") return;
-    const parts = [`Failed: ${d.reason || "unknown"}`];
-    if (format.REASONS[d.reason]) parts[0] += ` (${format.REASONS[d.reason]})`;
+    const parts = [`Failed (${d.reason || "no reason given"})`];
+    if (format.REASONS[d.reason]) parts[0] += `: ${format.REASONS[d.reason]}`;
     if (d.exit_code !== null && d.exit_code !== undefined) parts.push(`exit code ${d.exit_code}`);
     if (d.oom_killed) parts.push("OOM-killed");
     box.querySelector(".failure-reason").textContent = parts.join(" · ");
