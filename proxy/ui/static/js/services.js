@@ -104,7 +104,7 @@ class Card {
   update(report) {
     const before = this.data.state;
     this.data = { ...this.data, ...report };
-    if (report.state !== "pulling") this.progress = null;
+    this.progress = report.state === "pulling" ? report.progress || this.progress : null;
     const left = report.idle_seconds_left;
     this.idleDeadline = left === null || left === undefined ? null : performance.now() + left * 1000;
     this.idleRefreshed = !(left > 0);
@@ -113,7 +113,9 @@ class Card {
 
   change(event) {
     const before = this.data.state;
-    this.data = { ...this.data, state: event.state, status: event.status ?? this.data.status, reason: event.reason ?? null };
+    const changed = { state: event.state, reason: event.reason ?? null };
+    for (const name of ["status", "exit_code", "oom_killed"]) if (name in event) changed[name] = event[name];
+    this.data = { ...this.data, ...changed };
     this.progress = event.state === "pulling" ? event.progress || null : null;
     this.render(before);
   }
