@@ -6,7 +6,8 @@ fail to boot. gunicorn runs this file again on SIGHUP: a config that has become 
 by then is logged and the previous one kept, since exiting would cut every stream. Workers
 serve the config accepted here, never the file itself (``proxy.config.accepted``).
 Settings: gevent workers, no preload, a long graceful timeout for in-flight streams, the
-control socket off.
+control socket off. The master also makes the directory the workers' metrics are merged
+from, and forgets a dead worker's live gauges there.
 """
 import os
 import sys
@@ -17,6 +18,7 @@ from proxy.config import ConfigError, config_path, load_config
 from proxy.config.accepted import accept, accepted
 from proxy.shared.coordinator import ensure_installed
 from proxy.log import GunicornLogger, setup_logging
+from proxy.metrics import multiproc  # imports no prometheus_client: its directory comes first
 
 _path = config_path()
 _previous = accepted()  # set when this file already ran in this master: this is a reload
@@ -46,6 +48,9 @@ workers = int(os.environ.get("PROXY_WORKERS", "2"))
 # Requests in flight, queues and swap locks that every worker must agree on: shared memory
 # made here, in the master, so the forked workers inherit it (kept across SIGHUP reloads).
 ensure_installed(list(_config.services), list(_config.groups), max_workers=max(64, 4 * workers))
+# Metrics every worker adds to (prometheus_client's multiprocess mode): a fresh private
+# directory per run, in the environment before a worker imports prometheus_client.
+multiproc.prepare_directory()
 worker_connections = int(os.environ.get("PROXY_WORKER_CONNECTIONS", "4096"))  # streams per worker
 preload_app = False           # objects made before gevent patches would block its loop
 timeout = 30                  # a heartbeat for gevent workers, not a request limit
@@ -68,7 +73,12 @@ def on_starting(server):
     logger.info("inference proxy starting on {} with {} worker(s)", ", ".join(bind), workers)
 
 
+def child_exit(server, worker):
+    multiproc.worker_exited(worker.pid)  # its counts stay; its live gauges go
+
+
 def on_exit(server):
+    multiproc.remove_directory()
     logger.info("inference proxy stopped")
 
 

@@ -28,6 +28,7 @@ def create_app(config=None, docker_client=None):
     from .errors import register_error_handlers
     from .forwarding.inbound import register_body_guard
     from .log import register_request_log, setup_logging
+    from .metrics.families import declare
     from .routes import register_routes
     from .runtime import Runtime
 
@@ -42,5 +43,6 @@ def create_app(config=None, docker_client=None):
         register_request_log(app)
     register_body_guard(app, config.server)
     register_routes(app, config)
+    declare(config)  # every bounded series at zero, before the first request
     app.extensions["proxy"].start()
     return app

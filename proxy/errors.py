@@ -90,6 +90,12 @@ class ServiceNotRunning(ProxyError):
         )
 
 
+class NoContainer(ProxyError):
+    """404: the service is configured, but it has no container (never started, or stopped and removed)."""
+
+    status, code = 404, "no_container"
+
+
 class ServiceStopping(ProxyError):
     status, code, plain = 503, "service_stopping", True
 

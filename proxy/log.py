@@ -28,8 +28,9 @@ from flask import Flask, g, request
 from gunicorn.glogging import Logger as _GunicornBaseLogger
 from loguru import logger
 
+from .masking import REDACTED, secrets_pattern
+
 LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {message}"
-REDACTED = "***"
 
 # A query string: from "?" to the end of the URL (whitespace, quote, bracket or fragment).
 _QUERY = re.compile(r"\?[^\s#'\"<>()\[\]]+")
@@ -86,8 +87,7 @@ _sink = _LineSink()
 
 def set_secrets(values) -> None:
     """Mask these values (Config.secrets) in every line from now on."""
-    values = sorted((value for value in values if value), key=len, reverse=True)  # longest first
-    _sink.secrets = re.compile("|".join(map(re.escape, values))) if values else None
+    _sink.secrets = secrets_pattern(values)
 
 
 class InterceptHandler(logging.Handler):

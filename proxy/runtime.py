@@ -6,10 +6,10 @@ from .forwarding.inbound import BufferBudget
 from .forwarding.upstream import UpstreamPool
 from .services.container_states import ContainerStates
 from .services.engine import Containers
+from .services.feed import EventFeed
 from .services.idle import IdleSweep
 from .services.lifecycle import Lifecycle
 from .shared.coordinator import for_services
-
 
 class Runtime:
     """The config, the Docker side, the upstream pool and the lifecycle owner of one
@@ -25,6 +25,11 @@ class Runtime:
         self.coordinator = for_services(list(config.services), list(config.groups))
         self.lifecycle = Lifecycle(config, self.containers, self.states, self.coordinator, self.upstream)
         self.idle = IdleSweep(self.lifecycle)
+        self.feed = EventFeed(self.lifecycle)  # GET /api/v1/events; its watcher runs only while subscribed
+
+    def service_state(self, service_id: str) -> str:
+        """The lifecycle state, as every answer reports it (no Docker call)."""
+        return self.lifecycle.status(self.config.services[service_id], probe_health=False).state
 
     def start(self) -> None:
         self.states.start()
@@ -32,6 +37,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the background loops and close the pooled connections (a worker exiting)."""
+        self.feed.close()
         self.idle.stop()
         self.states.stop()
         self.upstream.close()

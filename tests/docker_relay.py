@@ -15,6 +15,7 @@ class DockerRelay:
         self.path = path
         self.target = target
         self.requests_seen = 0  # bytes that looked like the start of an HTTP request
+        self.open_connections = 0  # connections from the proxy not yet closed
         self._listener: socket.socket | None = None
         self._links: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -58,6 +59,7 @@ class DockerRelay:
             upstream.connect(self.target)
             with self._lock:
                 self._links += [client, upstream]
+                self.open_connections += 1
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
@@ -78,6 +80,9 @@ class DockerRelay:
         except OSError:
             pass
         finally:
+            if from_proxy:
+                with self._lock:
+                    self.open_connections -= 1
             for sock in (source, sink):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)

@@ -188,7 +188,7 @@ def test_nothing_is_registered_when_nothing_is_configured():
     register_auth(app, ServerConfig())
     assert not any(app.before_request_funcs.values())
     register_auth(app, ServerConfig(admin_token=ADMIN_TOKEN))
-    assert list(app.before_request_funcs) == ["admin"]  # the forward path pays nothing
+    assert list(app.before_request_funcs) == ["admin", "metrics"]  # the forward path pays nothing
 
 
 # -- max_body_size ------------------------------------------------------------------------------

@@ -137,6 +137,13 @@ def test_service_defaults_come_from_its_type():
     )
 
 
+def test_metrics_path_defaults_per_type_and_null_turns_it_off():
+    assert load(service()).services["a"].metrics_path == "/metrics"
+    assert load(service("    metrics_path: /stats/prometheus\n")).services["a"].metrics_path == "/stats/prometheus"
+    assert load(service("    metrics_path: null\n")).services["a"].metrics_path is None
+    assert load(service("    metrics_path:\n")).services["a"].metrics_path is None
+
+
 def test_null_optional_sections_mean_defaults():
     config = load(service("    args:\n    volumes:\n    environment:\n    resources:\n    timeouts:\n"
                           "    container_port:\n    health_path:\n    stop_timeout:\n"))
@@ -438,6 +445,11 @@ FAILURES = {
     "health_path_relative": (
         service("    health_path: health\n"),
         ["config.yaml: services.a.health_path: Must be a path starting with '/'."]),
+    "metrics_path_relative": (
+        service("    metrics_path: metrics\n"),
+        ["config.yaml: services.a.metrics_path: Must be a path starting with '/', or null."]),
+    "metrics_path_not_text": (
+        service("    metrics_path: false\n"), ["config.yaml: services.a.metrics_path: Not a valid string."]),
     "args_not_a_list": (service("    args: -m x\n"), ["config.yaml: services.a.args: Not a valid list."]),
     "args_nested": (service("    args: [[1]]\n"), ["config.yaml: services.a.args.0: Not a valid string."]),
     "bad_environment_names": (
@@ -1061,7 +1073,7 @@ KNOWN_KEYS = ["server", "services", "host", "port", "log_level", "type", "image"
               "volumes", "environment", "resources", "gpus", "memory", "cpus", "shm_size", "health_path",
               "timeouts", "connect", "read", "stop_timeout", "llama3", "a", "Bad Id", "HF_TOKEN",
               "aliases", "model_name", "autostart", "start_timeout", "idle_timeout", "group", "groups",
-              "exclusive", "max_concurrent", "max_queue", "drain_timeout", "gpu0"]
+              "exclusive", "max_concurrent", "max_queue", "drain_timeout", "gpu0", "metrics_path"]
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=10**30, max_value=10**300),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),

@@ -53,11 +53,11 @@ def test_client_text_never_forges_log_lines_or_reaches_the_terminal_raw(proxy):
     forged = FORGED.replace(" ", "%20").replace("|", "%7C")
     authorized = f"X-Api-Key: {KEY}\r\nConnection: close\r\n"
     hostile = [
-        f"GET /service/llm/echo%0a{forged}%1b[31m HTTP/1.1\r\nHost: x\r\n{authorized}\r\n",  # a path
-        f"GET /service/ll%0d%0a{forged}%00%1b[2Jm/x HTTP/1.1\r\nHost: x\r\n{authorized}\r\n",  # a service id
-        f"GET /service/llm/%E2%80%AEtxt.exe HTTP/1.1\r\nHost: x\r\n{authorized}\r\n",  # right-to-left override
-        "GET /\x1b[31m\x00x HTTP/1.1\r\nHost: x\r\n\r\n",  # refused by gunicorn, which quotes it
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x1b[31mb\r\n\r\n",
+        f"GET /service/llm/echo%0a{forged}%1b[31m HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorized}\r\n",  # a path
+        f"GET /service/ll%0d%0a{forged}%00%1b[2Jm/x HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorized}\r\n",  # a service id
+        f"GET /service/llm/%E2%80%AEtxt.exe HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorized}\r\n",  # right-to-left override
+        "GET /\x1b[31m\x00x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # refused by gunicorn, which quotes it
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x1b[31mb\r\n\r\n",
     ]
     for request in hostile:
         assert _raw(proxy, request.encode("latin-1")).startswith(b"HTTP/1.1 ")
@@ -80,7 +80,7 @@ def test_client_text_never_forges_log_lines_or_reaches_the_terminal_raw(proxy):
 def test_configured_secrets_never_reach_the_log_even_in_a_malformed_request(proxy):
     start = proxy.log_path.stat().st_size
     for line in [f"X-Api-Key {KEY}", f"Authorization {ADMIN_TOKEN}", f"X-Token {ENV_SECRET}"]:  # no colon
-        answer = _raw(proxy, f"GET /service/llm/echo HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode())
+        answer = _raw(proxy, f"GET /service/llm/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n{line}\r\n\r\n".encode())
         assert answer.startswith(b"HTTP/1.1 400 ")
     authorized = {"X-Api-Key": KEY, "Connection": "close"}
     assert requests.get(f"{proxy.url}/service/{ENV_SECRET}/x", headers=authorized, timeout=10).status_code == 404

@@ -99,7 +99,7 @@ def test_a_body_that_stops_coming_is_408_and_its_connections_are_closed(proxy, r
                                                                          part, upstream_open):
     test_id = uuid.uuid4().hex
     sock = _connect(proxy)
-    sock.sendall(f"POST {target} HTTP/1.1\r\nHost: x\r\nX-Test-Id: {test_id}\r\n{framing}\r\n\r\n".encode() + part)
+    sock.sendall(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Test-Id: {test_id}\r\n{framing}\r\n\r\n".encode() + part)
     stalled = time.monotonic()
     answer = _answer(sock)
     waited = time.monotonic() - stalled
@@ -117,7 +117,7 @@ def test_a_body_that_stops_coming_is_408_and_its_connections_are_closed(proxy, r
 def test_a_body_that_keeps_coming_slowly_is_not_cut(proxy):
     body = json.dumps({"model": "llm", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).encode()
     sock = _connect(proxy)
-    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                  f"Connection: close\r\n\r\n".encode())
     for piece in (body[:10], body[10:20], body[20:]):  # pauses shorter than body_timeout, longer in total
         time.sleep(BODY_TIMEOUT * 0.6)
@@ -132,7 +132,7 @@ def test_a_body_that_keeps_coming_slowly_is_not_cut(proxy):
 
 def test_a_json_body_over_max_json_body_is_413_before_a_byte_of_it_is_read(proxy):
     sock = _connect(proxy)
-    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_JSON_BODY + 1}\r\n\r\n"
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {MAX_JSON_BODY + 1}\r\n\r\n"
                  .encode())  # and no body: reading one would end in a 408, not this
     error = _error(_answer(sock), 413, "body_too_large")
     sock.close()
@@ -148,7 +148,7 @@ def _chat_body(size: int) -> bytes:
 
 def test_a_worker_holding_max_buffered_bytes_of_bodies_refuses_more_with_503(proxy):
     size = 60 * 1024  # two of these are more than max_buffered (100 KiB)
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n"
             f"Connection: close\r\n\r\n").encode()
     body = _chat_body(size)
     first = _connect(proxy)
@@ -172,7 +172,7 @@ def test_a_worker_holding_max_buffered_bytes_of_bodies_refuses_more_with_503(pro
 
 def test_json_nested_a_thousand_levels_deep_is_400_invalid_json(proxy):
     body = b'{"model": "llm", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}"
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                f"Connection: close\r\n\r\n").encode() + body
     status, _, payload = _send(proxy, request)
     assert status == 400, payload[:500]
@@ -187,7 +187,7 @@ def test_json_nested_a_thousand_levels_deep_is_400_invalid_json(proxy):
     ("POST", "/api/v1/service/llm/start"), ("GET", "/api/v1/services"), ("GET", "/healthz"), ("POST", "/nope"),
 ])
 def test_a_content_length_of_two_to_the_63_or_more_is_refused_on_every_route(proxy, method, target, length):
-    request = f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\nConnection: close\r\n\r\nabc"
+    request = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\nConnection: close\r\n\r\nabc"
     status, headers, payload = _send(proxy, request.encode())
     assert status in (400, 413), payload[:500]
     assert headers["content-type"] == "application/json"

@@ -42,7 +42,8 @@ def routed(module_launchers, raw_backends):
     services = {"llm": service_entry(backend.port),
                 **{name: service_entry(raw.port, timeouts={"connect": 2, "read": 5})
                    for name, raw in raw_backends.items()}}
-    return start_proxy(services, log_level="INFO"), backend
+    # front.example: the name a front proxy would pass on, allowed so the forwarding headers can be seen
+    return start_proxy(services, log_level="INFO", server_extra={"allowed_hosts": ["front.example"]}), backend
 
 
 def _responses(received: bytes) -> list[tuple[int, bytes]]:
@@ -83,8 +84,8 @@ def test_a_backend_length_beside_chunking_never_reaches_the_client(routed):
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         # Two requests on one kept-alive connection: the second answer must not be read as
         # the rest of the first one's body.
-        sock.sendall(b"GET /service/framing/a HTTP/1.1\r\nHost: x\r\n\r\n"
-                     b"GET /service/framing/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"GET /service/framing/a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"GET /service/framing/b HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         received = _read_to_close(sock)
     first_head = received.split(b"\r\n\r\n", 1)[0].lower()
     assert b"content-length: 100" not in first_head
@@ -104,7 +105,7 @@ def test_an_interim_103_from_the_backend_is_skipped_for_the_real_answer(routed):
 def _chat(target: str, stream: bool, version: str = "HTTP/1.1", model: str = "m") -> bytes:
     body = json.dumps({"model": model, "stream": stream, "max_tokens": 3,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
-    return (f"POST {target} {version}\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (f"POST {target} {version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
@@ -131,7 +132,7 @@ def test_a_client_that_closes_before_the_first_token_still_cuts_its_backend_off(
     test_id = uuid.uuid4().hex
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     sock.sendall(_chat("/service/llm/v1/chat/completions?first_byte_delay=60", stream=True)
-                 .replace(b"Host: x\r\n", f"Host: x\r\nX-Test-Id: {test_id}\r\n".encode()))
+                 .replace(b"Host: 127.0.0.1\r\n", f"Host: 127.0.0.1\r\nX-Test-Id: {test_id}\r\n".encode()))
     sock.shutdown(socket.SHUT_WR)  # first a half-close, which is no reason to cut...
     time.sleep(0.5)  # the request is with the backend, which is still "reading the prompt"
     sock.close()  # ...then really gone
@@ -144,7 +145,7 @@ def test_a_client_that_closes_before_the_first_token_still_cuts_its_backend_off(
 def test_a_fragment_in_the_target_is_not_forwarded(routed):
     proxy, _ = routed
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(b"GET /service/llm/echo/x?q=1#frag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"GET /service/llm/echo/x?q=1#frag HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         ((status, body),) = _responses(_read_to_close(sock))
     echo = json.loads(body)
     assert (status, echo["raw_path"], echo["query"]) == (200, "/echo/x", "q=1")
@@ -194,7 +195,7 @@ def test_script_name_and_path_info_headers_never_change_routing(start_proxy, sta
     for header in ["SCRIPT_NAME: /nope", "SCRIPT_NAME: /service/llm", "PATH_INFO: /api/v1/services",
                    "SCRIPT-NAME: /service"]:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            sock.sendall(f"GET /service/llm/echo/x HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n"
+            sock.sendall(f"GET /service/llm/echo/x HTTP/1.1\r\nHost: 127.0.0.1\r\n{header}\r\nConnection: close\r\n\r\n"
                          .encode())
             ((status, body),) = _responses(_read_to_close(sock))
         assert status == 200, (header, body[:300])

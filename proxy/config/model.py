@@ -11,10 +11,23 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-SERVICE_TYPES = {"llama-cpp-server": {"container_port": 8080, "health_path": "/health"}}
+SERVICE_TYPES = {"llama-cpp-server": {"container_port": 8080, "health_path": "/health", "metrics_path": "/metrics"}}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_MAX_QUEUE = 100  # services.<id>.max_queue when only max_concurrent is set
 MIN_MASKED_LENGTH = 4  # ${VAR} values shorter than this are not masked in the log
+
+
+
+
+class _TypeDefault:
+    """The default of a field that ``None`` cannot mark, because ``None`` means "off"."""
+
+    def __repr__(self) -> str:
+        return "TYPE_DEFAULT"
+
+
+TYPE_DEFAULT = _TypeDefault()
+NULL_MEANS_OFF = frozenset({"metrics_path"})  # per-type keys where an explicit null turns the feature off
 
 
 class ConfigError(Exception):
@@ -61,6 +74,8 @@ class ServiceConfig:
     environment: tuple[tuple[str, str], ...] = ()  # sorted by name, after ${VAR} expansion
     resources: Resources = Resources()
     health_path: str | None = None  # None: the type's default (SERVICE_TYPES)
+    # The server's own Prometheus metrics, merged into the proxy's /metrics; None: not scraped
+    metrics_path: str | None = TYPE_DEFAULT  # type: ignore[assignment]  # the type's default
     timeouts: Timeouts = Timeouts()
     stop_timeout: float = 10.0
     max_body_size: int | None = None  # bytes a request body may have; None: no limit
@@ -77,7 +92,8 @@ class ServiceConfig:
 
     def __post_init__(self):
         for name, default in SERVICE_TYPES[self.type].items():
-            if getattr(self, name) is None:
+            value = getattr(self, name)
+            if value is TYPE_DEFAULT or (value is None and name not in NULL_MEANS_OFF):
                 object.__setattr__(self, name, default)
         if self.max_concurrent is not None and self.max_queue is None:
             object.__setattr__(self, "max_queue", DEFAULT_MAX_QUEUE)

@@ -16,7 +16,8 @@ from .model import SERVICE_TYPES, GroupConfig, Resources, ServerConfig, ServiceC
 
 class StrictSchema(Schema):
     """Unknown keys are errors; an explicit null in an optional key means "the default"
-    (so an empty `resources:` or `server:` section is fine)."""
+    (so an empty `resources:` or `server:` section is fine), except in a key that allows
+    null, where it means "off" (``metrics_path: null``)."""
 
     error_messages = {"type": "Not a valid mapping type.", "unknown": UNKNOWN_FIELD}
 
@@ -28,7 +29,8 @@ class StrictSchema(Schema):
         if not isinstance(data, Mapping):
             return data  # marshmallow reports the wrong type
         return {key: value for key, value in data.items()
-                if value is not None or key not in self.load_fields or self.load_fields[key].required}
+                if value is not None or key not in self.load_fields or self.load_fields[key].required
+                or self.load_fields[key].allow_none}
 
 
 class TimeoutsSchema(StrictSchema):
@@ -63,6 +65,8 @@ class ServiceSchema(StrictSchema):
     resources = fields.Nested(ResourcesSchema)
     health_path = fields.String(validate=validate.Regexp(
         r"/\S*\Z", error="Must be a path starting with '/'."))  # default from SERVICE_TYPES
+    metrics_path = fields.String(allow_none=True, validate=validate.Regexp(
+        r"/\S*\Z", error="Must be a path starting with '/', or null."))  # default from SERVICE_TYPES
     timeouts = fields.Nested(TimeoutsSchema)
     stop_timeout = fields.Float(validate=validate.Range(min=0))
     max_body_size = ByteSize()

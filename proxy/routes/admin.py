@@ -52,6 +52,7 @@ def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
         "started_at": info.started_at,
         "exit_code": info.exit_code,
         "oom_killed": info.oom_killed,
+        "progress": status.progress,
         "port": service.port,
         "stale": stale,
         "in_flight": runtime.coordinator.in_flight(service.id),
@@ -130,13 +131,16 @@ def container_status(service_id: str):
     return jsonify(report(_runtime(), _service(service_id)))
 
 
-@bp.get("/services")
-def list_services():
-    runtime = _runtime()
+def all_reports(runtime) -> list[dict]:
+    """Every configured service's status, in config order."""
     services = list(runtime.config.services.values())
     # Health probes run side by side so one slow service does not hold up the list.
-    reports = gevent.pool.Pool(16).map(lambda service: report(runtime, service), services) if services else []
-    return jsonify(services=reports)
+    return gevent.pool.Pool(16).map(lambda service: report(runtime, service), services) if services else []
+
+
+@bp.get("/services")
+def list_services():
+    return jsonify(services=all_reports(_runtime()))
 
 
 @bp.get("/openapi.json")

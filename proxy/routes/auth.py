@@ -1,4 +1,5 @@
-"""Who may call the proxy: a bearer token for the admin API, API keys for the proxy routes.
+"""Who may call the proxy: a bearer token for the admin API and the metrics, API keys for
+the proxy routes.
 
 Both are off unless configured (``server.admin_token``, ``server.api_keys``). A check is
 registered only for what is configured, and only for its own blueprint's requests, so the
@@ -19,7 +20,7 @@ import hmac
 
 from flask import Flask, request
 
-from . import admin, openai, service
+from . import admin, metrics, openai, service
 from ..config import ServerConfig
 from ..errors import Unauthorized
 
@@ -38,7 +39,9 @@ def register_auth(app: Flask, server: ServerConfig) -> None:
     if server.admin_token is None and not server.api_keys:
         return
     if server.admin_token is not None:
-        app.before_request_funcs.setdefault(admin.bp.name, []).append(_admin_check(server.admin_token))
+        check = _admin_check(server.admin_token)
+        for blueprint in (admin.bp, metrics.bp):  # Prometheus sends it as a bearer token
+            app.before_request_funcs.setdefault(blueprint.name, []).append(check)
     if server.api_keys:
         check = _api_key_check(server.api_keys)
         for blueprint in (service.bp, openai.bp):  # every route that reaches a model
@@ -51,7 +54,7 @@ def _admin_check(token: str):
     def check_admin_token() -> None:
         presented = _bearer(request.environ.get("HTTP_AUTHORIZATION"))
         if presented is None:
-            raise _refused("The admin API needs 'Authorization: Bearer <token>' (server.admin_token)",
+            raise _refused("The admin API and /metrics need 'Authorization: Bearer <token>' (server.admin_token)",
                                presented=False)
         if not hmac.compare_digest(presented, expected):
             raise _refused("Invalid admin token", presented=True)

@@ -8,13 +8,15 @@ service and alias with its state.
 from __future__ import annotations
 
 import json
+import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, UnsupportedMediaType
+from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError, UnsupportedMediaType
 from ..forwarding.inbound import HeldBody
 from ..forwarding.relay import Outgoing, body_too_large, relay
 from ..forwarding.upstream import client_target, request_headers
+from ..metrics.request_meter import RequestMeter
 
 bp = Blueprint("openai", __name__)
 
@@ -44,6 +46,7 @@ def list_models():
 def route_by_model(path: str):
     """The body is read whole to find its model: its bytes count against the worker's
     ``server.max_buffered`` until the answer has been sent."""
+    started = time.monotonic()
     runtime = current_app.extensions["proxy"]
     # Only JSON that says so: a page's form or text/plain fetch must never pass for a request.
     if request.mimetype != "application/json":
@@ -54,7 +57,7 @@ def route_by_model(path: str):
             hint="Send the header 'Content-Type: application/json'")
     held = runtime.buffered.hold()
     try:
-        response = _forward_by_model(runtime, held)
+        response = _forward_by_model(runtime, held, started)
     except BaseException:
         held.release()
         raise
@@ -62,7 +65,7 @@ def route_by_model(path: str):
     return response
 
 
-def _forward_by_model(runtime, held: HeldBody):
+def _forward_by_model(runtime, held: HeldBody, started: float):
     server = runtime.config.server
     body, payload = _read_json_body(server.max_json_body, held)
     model = payload.get("model")
@@ -73,18 +76,23 @@ def _forward_by_model(runtime, held: HeldBody):
         known = [name for name, _ in runtime.config.models()]
         raise ModelNotFound(f"The model '{model}' does not exist; known models: {', '.join(known) or 'none'}",
                             extra={"param": "model", "known_models": known})
-    if service.max_body_size is not None and len(body) > service.max_body_size:
-        raise body_too_large(service)
-    if service.model_name and model != service.model_name:
-        payload["model"] = service.model_name  # for backends that check the name they serve
-        body = json.dumps(payload).encode()  # no deeper than what json.loads just took
+    meter = RequestMeter(service.id, "openai", started)
+    try:
+        if service.max_body_size is not None and len(body) > service.max_body_size:
+            raise body_too_large(service)
+        if service.model_name and model != service.model_name:
+            payload["model"] = service.model_name  # for backends that check the name they serve
+            body = json.dumps(payload).encode()  # no deeper than what json.loads just took
 
-    environ = request.environ
-    trusted = server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
-    headers = request_headers(environ, service.upstream_host, trusted)
-    headers["Content-Length"] = str(len(body))
-    outgoing = Outgoing("POST", client_target(environ), headers, body)
-    return relay(runtime, service, outgoing, environ, loading_events=payload.get("stream") is True)
+        environ = request.environ
+        trusted = server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
+        headers = request_headers(environ, service.upstream_host, trusted)
+        headers["Content-Length"] = str(len(body))
+        outgoing = Outgoing("POST", client_target(environ), headers, body)
+        return relay(runtime, service, outgoing, environ, meter, loading_events=payload.get("stream") is True)
+    except ProxyError as error:
+        meter.refused(error.status)
+        raise
 
 
 def _read_json_body(cap: int, held: HeldBody) -> tuple[bytes, dict]:

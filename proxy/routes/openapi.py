@@ -26,19 +26,37 @@ def _nullable(schema: dict, description: str) -> dict:
     return {**schema, "nullable": True, "description": description}
 
 
+PULL_PROGRESS = {
+    "type": "object",
+    "description": "How far an image pull has come (layers and bytes as Docker reports them).",
+    "required": ["layers_done", "layers_total", "bytes_done", "bytes_total", "percent"],
+    "properties": {
+        "layers_done": {"type": "integer", "minimum": 0, "description": "Layers downloaded and extracted, "
+                                                                         "or already present."},
+        "layers_total": {"type": "integer", "minimum": 0, "description": "Layers the image has (known once "
+                                                                          "its manifest was read)."},
+        "bytes_done": {"type": "integer", "minimum": 0, "description": "Bytes of the layers downloaded."},
+        "bytes_total": {"type": "integer", "minimum": 0, "description": "Bytes of the layers whose size is "
+                                                                         "known so far."},
+        "percent": _nullable({"type": "number", "minimum": 0, "maximum": 100},
+                             "bytes_done of bytes_total; null until a total is known."),
+    },
+}
+
 CONTAINER_STATUS = {
     "type": "object",
     "description": "One service's lifecycle state, and what Docker says about its container.",
     "required": ["service_id", "state", "reason", "status", "ready", "container_id", "image", "started_at",
-                 "exit_code", "oom_killed", "port", "stale", "in_flight", "queued", "engine", "aliases", "group",
-                 "exclusive", "gpus", "autostart", "idle_timeout", "idle_seconds_left"],
+                 "exit_code", "oom_killed", "progress", "port", "stale", "in_flight", "queued", "engine",
+                 "aliases", "group", "exclusive", "gpus", "autostart", "idle_timeout", "idle_seconds_left"],
     "properties": {
         "service_id": {"type": "string"},
         "state": {"type": "string", "enum": list(STATES),
-                  "description": "The lifecycle state, the same from every worker: stopped, starting (being "
-                                 "created, or running but health_path not yet 200), ready, stopping (draining "
-                                 "or stopping), failed (the last start failed, or the container exited "
-                                 "without being asked to)."},
+                  "description": "The lifecycle state, the same from every worker: stopped, pulling (its image "
+                                 "is being pulled before the container is made), starting (being created, or "
+                                 "running but health_path not yet 200), ready, stopping (draining or "
+                                 "stopping), failed (the last start failed, or the container exited without "
+                                 "being asked to)."},
         "reason": _nullable({"type": "string", "enum": list(REASONS)}, "Why it is failed; null otherwise."),
         "status": {"type": "string",
                    "description": "Docker's status (running, exited, created, restarting, paused, removing, "
@@ -52,6 +70,7 @@ CONTAINER_STATUS = {
                                 "null when never started or not found."),
         "exit_code": _nullable({"type": "integer"}, "The last exit code; null while running or when not found."),
         "oom_killed": _nullable({"type": "boolean"}, "Whether the kernel killed it for memory; null when not found."),
+        "progress": _nullable(PULL_PROGRESS, "The image pull's progress while the state is pulling; null otherwise."),
         "port": {"type": "integer", "minimum": 1, "maximum": 65535,
                  "description": "The host port (on 127.0.0.1) that the proxy forwards to."},
         "stale": _nullable({"type": "boolean"},
@@ -153,6 +172,24 @@ TIMEOUT = {
     "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 3600, "default": 300},
 }
 
+def _flag(name: str, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"], "default": "false"}}
+
+
+LOG_PARAMETERS = [
+    {"name": "tail", "in": "query", "required": False,
+     "description": "How many of the last lines to give: a number, or 'all'.",
+     "schema": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 1000000},
+                          {"type": "string", "enum": ["all"]}], "default": 200}},
+    _flag("follow", "Go on streaming new lines until the container stops (or the client leaves)."),
+    {"name": "since", "in": "query", "required": False,
+     "description": "Only lines written in the last this many seconds.",
+     "schema": {"type": "number", "minimum": 0, "maximum": 315360000}},
+    _flag("timestamps", "Begin each line with Docker's RFC 3339 timestamp of it."),
+]
+
+
 def _paths() -> dict:
     return {
         "/healthz": {"get": {
@@ -177,6 +214,38 @@ def _paths() -> dict:
                 "200": _json({"type": "object", "required": ["services"], "properties": {
                     "services": {"type": "array", "items": {"$ref": "#/components/schemas/ContainerStatus"}}}},
                     "One status per configured service, in config order."),
+                "503": _DOCKER_DOWN,
+            },
+        }},
+        "/api/v1/events": {"get": {
+            "operationId": "events", "tags": ["admin"],
+            "summary": "The live event feed (Server-Sent Events): a snapshot, then one event per change",
+            "description": "First `event: snapshot`, whose data is `{\"services\": [ContainerStatus, ...]}` as "
+                           "GET /api/v1/services answers; then `event: service` per change of a service's "
+                           "state, status, reason or progress (at most once a second while pulling), with "
+                           "data `{service_id, state, status, reason, progress, time}` (time: ISO-8601 UTC), "
+                           "plus `exit_code` and `oom_killed` when its container exited; `event: reload` "
+                           "when the config was reloaded, with data `{added, removed, restarted, updated, "
+                           "time}`. A `: keep-alive` comment after 15 s of silence. The answer does not end "
+                           "while the client reads.",
+            "responses": {"200": {"description": "The event stream.",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+        }},
+        "/api/v1/service/{service_id}/logs": {"get": {
+            "operationId": "serviceLogs", "tags": ["admin"],
+            "summary": "The container's stdout and stderr, one log line per line, the configured secrets masked",
+            "description": "Also of a container that failed or exited, until the service's next start. With "
+                           "follow=true the answer goes on until the container stops.",
+            "parameters": [SERVICE_ID, *LOG_PARAMETERS],
+            "responses": {
+                "200": {"description": "The log lines.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "400": _error(400, {"invalid_parameter": "bad tail, follow, since or timestamps",
+                                    **_HOST_NOT_ALLOWED}),
+                "404": _error(404, {"service_not_found": "no such service in the config",
+                                    "no_container": "the service has no container (never started, or stopped "
+                                                    "and removed)",
+                                    "not_found": "the id holds a '/', so no route matches"}),
                 "503": _DOCKER_DOWN,
             },
         }},

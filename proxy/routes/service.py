@@ -7,8 +7,9 @@ from urllib.parse import unquote
 from flask import Blueprint, current_app, request
 
 from ..config import ServiceConfig
-from ..errors import InvalidRequest, ServiceNotFound
+from ..errors import InvalidRequest, ProxyError, ServiceNotFound
 from ..forwarding.relay import Outgoing, body_too_large, relay
+from ..metrics.request_meter import RequestMeter
 from ..forwarding.upstream import SizedBody, chunked_body, client_target, request_headers
 
 bp = Blueprint("service", __name__)
@@ -28,14 +29,19 @@ def forward(service_id: str, path: str = ""):
     service = runtime.config.services.get(service_id)
     if service is None:
         raise ServiceNotFound(service_id)
-    environ = request.environ
-    trusted = runtime.config.server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
-    headers = request_headers(environ, service.upstream_host, trusted)
-    body = request_body(environ, headers)
-    if service.max_body_size is not None:
-        body = limit_body(body, service)
-    outgoing = Outgoing(request.method, upstream_target(environ, service_id), headers, body)
-    return relay(runtime, service, outgoing, environ)
+    meter = RequestMeter(service_id, "service")
+    try:
+        environ = request.environ
+        trusted = runtime.config.server.is_trusted_proxy(environ.get("REMOTE_ADDR", ""))
+        headers = request_headers(environ, service.upstream_host, trusted)
+        body = request_body(environ, headers)
+        if service.max_body_size is not None:
+            body = limit_body(body, service)
+        outgoing = Outgoing(request.method, upstream_target(environ, service_id), headers, body)
+        return relay(runtime, service, outgoing, environ, meter)
+    except ProxyError as error:
+        meter.refused(error.status)
+        raise
 
 
 def upstream_target(environ: dict, service_id: str) -> str:

@@ -9,6 +9,7 @@ from loguru import logger
 
 from ..config import ServiceConfig
 from ..errors import ProxyError
+from ..metrics.families import record_idle_stop
 from .engine import docker_epoch
 from .lifecycle import Lifecycle
 
@@ -54,4 +55,5 @@ class IdleSweep:
         if self.seconds_left(service) == 0.0:
             outcome = self.lifecycle.stop(service, drain=True, only_if_idle=True)
             if outcome.stopped:
+                record_idle_stop(service.id)
                 logger.info("stopped {}: idle for more than {:g} s", service.id, service.idle_timeout)

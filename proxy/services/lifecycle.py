@@ -21,6 +21,8 @@ from loguru import logger
 from ..config import Config, ServiceConfig
 from ..errors import (AlreadyRunning, DockerUnavailable, ProxyError, ServiceNotRunning, ServiceStopping, StartFailed,
                       StartTimeout)
+from ..masking import masker
+from ..metrics.families import observe_start_stage, record_start, record_swap
 from ..forwarding.upstream import UpstreamPool
 from ..shared.coordinator import PHASE_NONE, PHASE_STARTING, PHASE_STOPPING, Coordinator
 from .container_states import ContainerStates
@@ -43,6 +45,7 @@ class Status:
     state: str
     reason: str | None
     container: ContainerInfo
+    progress: dict | None = None  # while pulling: layers_done, layers_total, bytes_done, bytes_total, percent
 
 
 @dataclass
@@ -95,6 +98,14 @@ class Lifecycle:
         state, reason = derive(seen)
         return Status(state, reason, info)
 
+    def check_health(self, service: ServiceConfig) -> bool:
+        """Probe a running container that no start is watching (started with the docker CLI,
+        adopted after a restart) and mark it healthy if it answers (no Docker call)."""
+        info = self.states.get(service.id)
+        if not info.running or self._phase(service) is not None:
+            return False
+        return self._healthy(service, info, probe_health=True)
+
     def ready_now(self, service: ServiceConfig) -> bool:
         """Could the service take a request this moment, with no start or wait?"""
         info = self.states.get(service.id)
@@ -141,9 +152,7 @@ class Lifecycle:
         return self._logs[container_id]
 
     def _mask(self, text: str) -> str:
-        for secret in _secrets(self.config):
-            text = text.replace(secret, "***")
-        return text
+        return masker(self.config.secrets)(text)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -251,6 +260,8 @@ class Lifecycle:
         except ProxyError as exc:
             if exc.code in REASONS:
                 self.coordinator.set_failure(service.id, reason_code(exc.code))
+            if exc.code in ("start_failed", "image_unavailable", "volume_missing"):
+                record_start(service.id, "failed")  # before a container ran (exits and timeouts are counted)
             logger.log("WARNING" if isinstance(exc, ServiceStopping) else "ERROR", "starting {} failed: {}",
                         service.id, exc.message)
             job.result.set_exception(exc)
@@ -271,13 +282,20 @@ class Lifecycle:
                 if self.coordinator.phase(service.id) != PHASE_STARTING:  # a stop came meanwhile
                     raise ServiceStopping(f"Service '{service.id}' was stopped before it started",
                                           service_id=service.id)
+                created = time.monotonic()
                 info = self._create(service)
+                observe_start_stage(service.id, "create", time.monotonic() - created)
                 job.accepted.set()
                 self.states.update(info)
                 self.coordinator.touch(service.id)  # so the idle sweep does not stop it at once
                 remaining = max(0.0, service.start_timeout - (time.monotonic() - began))
+                waited_from = time.monotonic()
                 outcome, info = wait_ready(self.pool, service, lambda: self.containers.inspect(service), remaining,
                                            abort=lambda: self._phase(service) == STOPPING)
+                if outcome != "aborted":
+                    record_start(service.id, outcome)
+                if outcome == "ready":
+                    observe_start_stage(service.id, "ready", time.monotonic() - waited_from)
             finally:
                 if token is not None:
                     self.coordinator.unlock_group(service.group, token)
@@ -317,7 +335,10 @@ class Lifecycle:
             while info.status == "not found" and time.monotonic() < deadline:
                 gevent.sleep(0.05)
                 info = self.containers.inspect(service)
-            return info
+            return info, False
+        except ProxyError:
+            record_start(service.id, "failed")
+            raise
 
     def _settle(self, service: ServiceConfig, outcome: str, info: ContainerInfo) -> ContainerInfo:
         """The ready container, or the error that says why the start failed."""
@@ -362,7 +383,8 @@ class Lifecycle:
                 if other.id != service.id and self.status(other, probe_health=False).state != STOPPED:
                     logger.info("group {}: making room for {} by stopping {}", group.name, service.id, other.id)
                     job.accepted.set()
-                    self.stop(other, drain=True)
+                    if self.stop(other, drain=True).stopped:
+                        record_swap(group.name)
         except BaseException:
             self.coordinator.unlock_group(group.name, token)
             raise
@@ -423,10 +445,3 @@ def _token(container_id: str | None) -> int:
     """A container id as a number that fits the coordinator's int64 cells (60 bits)."""
     return int(container_id[:15], 16) if container_id else 0
 
-
-def _secrets(config: Config) -> list[str]:
-    found = list(getattr(config, "secrets", ()) or ())
-    if config.server.admin_token:
-        found.append(config.server.admin_token)
-    found.extend(config.server.api_keys)
-    return [secret for secret in found if secret]

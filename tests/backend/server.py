@@ -4,7 +4,7 @@
 Standard library only: it also runs in a bare Debian + python3 test image.
 
     python3 server.py --host 127.0.0.1 --port 0 [--load-seconds 0] [--tokens 16]
-        [--token-delay 0.0] [--model-name test-model] [--port-file PATH] [-v]
+        [--token-delay 0.0] [--model-name test-model] [--metrics] [--port-file PATH] [-v]
 
 With --port 0 a free port is chosen; it is printed as ``LISTENING <port>``.
 
@@ -14,6 +14,8 @@ Routes ([query parameters]; "any" = any method):
   POST   /v1/chat/completions   chat.completion, or SSE chat.completion.chunk  [delay, first_byte_delay]
   POST   /v1/completions        text_completion, or SSE of them                [delay, first_byte_delay]
   POST   /completion            llama.cpp native; its SSE ends without [DONE]  [delay, first_byte_delay]
+  GET    /metrics               llama-server's Prometheus text (counts of what was served);
+                                501 unless started with --metrics, as llama-server
   any    /echo, /echo/<...>     the request as received (raw target, headers, body digest)
   any    /hang                  reads the request, never answers; logs when the client leaves [seconds]
   any    /die                   SSE events, then a TCP reset mid-body          [events, delay, mode=rst|fin]
@@ -32,7 +34,9 @@ Routes ([query parameters]; "any" = any method):
   GET    /_stats                connections accepted/open, requests handled
 
 Every SSE event is one HTTP chunk, written as soon as it is made, and (except
-[DONE]) carries "seq" and "sent_at" (time.time()) so transit can be measured.
+[DONE]) carries "seq" and "sent_at" (time.time()) so transit can be measured. As
+llama-server, the completion routes add "timings" to a non-streamed answer and to the
+last event of a stream (the usage event when asked for one, else the closing event).
 """
 import argparse
 import functools
@@ -175,10 +179,56 @@ class State:
         self.lock = threading.Lock()
         self.disconnects = []
         self.counts = {"connections_accepted": 0, "connections_open": 0, "requests": 0}
+        # What llama-server's /metrics reports, for the completions served.
+        self.served = {"prompt_tokens": 0, "prompt_seconds": 0.0, "tokens_predicted": 0,
+                       "tokens_predicted_seconds": 0.0, "n_decode": 0, "n_tokens_max": 0, "processing": 0}
 
     def bump(self, name, by=1):
         with self.lock:
             self.counts[name] += by
+
+    def completion_began(self):
+        with self.lock:
+            self.served["processing"] += 1
+
+    def completion_ended(self, timings=None):
+        with self.lock:
+            served = self.served
+            served["processing"] -= 1
+            if timings is not None:
+                served["prompt_tokens"] += timings["prompt_n"]
+                served["prompt_seconds"] += timings["prompt_ms"] / 1e3
+                served["tokens_predicted"] += timings["predicted_n"]
+                served["tokens_predicted_seconds"] += timings["predicted_ms"] / 1e3
+                served["n_decode"] += timings["predicted_n"] + 1  # one batch for the prompt, one per token
+                served["n_tokens_max"] = max(served["n_tokens_max"], timings["prompt_n"] + timings["predicted_n"])
+
+    def metrics_text(self):
+        """llama-server's exposition, line for line: HELP, TYPE and one sample per family."""
+        with self.lock:
+            served = dict(self.served)
+        prompt_rate = served["prompt_tokens"] / served["prompt_seconds"] if served["prompt_seconds"] else 0.0
+        predicted_rate = (served["tokens_predicted"] / served["tokens_predicted_seconds"]
+                          if served["tokens_predicted_seconds"] else 0.0)
+        families = [
+            ("prompt_tokens_total", "Number of prompt tokens processed.", "counter", served["prompt_tokens"]),
+            ("prompt_seconds_total", "Prompt process time", "counter", served["prompt_seconds"]),
+            ("tokens_predicted_total", "Number of generation tokens processed.", "counter", served["tokens_predicted"]),
+            ("tokens_predicted_seconds_total", "Predict process time", "counter", served["tokens_predicted_seconds"]),
+            ("n_decode_total", "Total number of llama_decode() calls", "counter", served["n_decode"]),
+            ("n_tokens_max", "Largest observed n_tokens.", "counter", served["n_tokens_max"]),
+            ("prompt_tokens_seconds", "Average prompt throughput in tokens/s.", "gauge", prompt_rate),
+            ("predicted_tokens_seconds", "Average generation throughput in tokens/s.", "gauge", predicted_rate),
+            ("kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.", "gauge",
+             min(1.0, served["processing"] / 4)),
+            ("kv_cache_tokens", "KV-cache tokens.", "gauge", 0),
+            ("requests_processing", "Number of requests processing.", "gauge", served["processing"]),
+            ("requests_deferred", "Number of requests deferred.", "gauge", 0),
+            ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call", "gauge",
+             1.0 if served["n_decode"] else 0.0),
+        ]
+        return "".join(f"# HELP llamacpp:{name} {text}\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {value:g}\n"
+                       for name, text, kind, value in families)
 
     def loading(self):
         return time.monotonic() - self.started < self.args.load_seconds
@@ -230,6 +280,18 @@ def usage(prompt_n, n):
     return {"prompt_tokens": prompt_n, "completion_tokens": n, "total_tokens": prompt_n + n}
 
 
+def timings(prompt_n, n, prompt_seconds, predicted_seconds):
+    """llama-server's "timings" (result_timings::to_json), from the times this answer took."""
+    prompt_ms = max(prompt_seconds * 1e3, 0.001)
+    predicted_ms = max(predicted_seconds * 1e3, 0.001 * max(n, 1))
+    return {"cache_n": 0, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": 1e3 / prompt_ms * prompt_n,
+            "predicted_n": n, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / n if n else 0.0,
+            "predicted_per_second": 1e3 / predicted_ms * n}
+
+
 def response_head(kind, model, stream):
     """Fields shared by a whole OpenAI-style answer (empty for llama.cpp's native format)."""
     if kind == "native":
@@ -273,7 +335,8 @@ class Handler(BaseHTTPRequestHandler):
 
     ROUTES = {
         "/health": "route_health", "/v1/models": "route_models", "/v1/chat/completions": "route_chat",
-        "/v1/completions": "route_text", "/completion": "route_native", "/echo": "route_echo",
+        "/v1/completions": "route_text", "/completion": "route_native", "/metrics": "route_metrics",
+        "/echo": "route_echo",
         "/hang": "route_hang", "/die": "route_die", "/stream": "route_stream",
         "/download": "route_download", "/upload": "route_upload", "/cookies": "route_cookies",
         "/gzip": "route_gzip", "/drip": "route_drip", "/_crash": "route_crash", "/_alloc": "route_alloc",
@@ -464,6 +527,14 @@ class Handler(BaseHTTPRequestHandler):
     def route_native(self):
         self.complete("native")
 
+    def route_metrics(self):
+        self.require("GET")
+        if not self.server.state.args.metrics:
+            raise HttpError(501, "This server does not support metrics endpoint. Start it with `--metrics`",
+                            "not_supported_error")
+        self.send_bytes(200, self.server.state.metrics_text().encode(),
+                        [("Content-Type", "text/plain; version=0.0.4")])
+
     def complete(self, kind):
         self.require("POST")
         args = self.server.state.args
@@ -474,22 +545,36 @@ class Handler(BaseHTTPRequestHandler):
         head = response_head(kind, model, bool(request.get("stream")))
         n, prompt_n = token_count(request, args.tokens), prompt_tokens(request)
         delay = self.qnum("delay", args.token_delay)
-        self.pause(self.qnum("first_byte_delay", 0.0))
-        if not request.get("stream"):
-            self.pause(delay * n)  # a non-streamed answer comes once the whole text is made
-            self.send_json(200, full_answer(kind, head or {"model": model}, n, prompt_n))
-            return
-        self.start_chunked("text/event-stream")
-        for i in range(n + 1):
-            if i < n:
-                self.pause(delay)  # "generating" token i
-            self.send_event(stream_event(kind, head or {"model": model}, i, n, prompt_n), seq=i)
-        options = request.get("stream_options")
-        if kind != "native" and isinstance(options, dict) and options.get("include_usage"):
-            self.send_event({**head, "choices": [], "usage": usage(prompt_n, n)}, seq=n + 1)
-        if kind != "native":  # llama.cpp sends [DONE] on its OpenAI routes only
-            self.send_chunk(b"data: [DONE]\n\n")
-        self.end_chunked()
+        state, done = self.server.state, None
+        state.completion_began()
+        try:
+            began = time.monotonic()
+            self.pause(self.qnum("first_byte_delay", 0.0))  # "processing the prompt"
+            prompt_seconds = time.monotonic() - began
+            if not request.get("stream"):
+                self.pause(delay * n)  # a non-streamed answer comes once the whole text is made
+                done = timings(prompt_n, n, prompt_seconds, time.monotonic() - began - prompt_seconds)
+                self.send_json(200, {**full_answer(kind, head or {"model": model}, n, prompt_n), "timings": done})
+                return
+            options = request.get("stream_options")
+            with_usage = kind != "native" and isinstance(options, dict) and options.get("include_usage")
+            self.start_chunked("text/event-stream")
+            for i in range(n + 1):
+                if i < n:
+                    self.pause(delay)  # "generating" token i
+                event = stream_event(kind, head or {"model": model}, i, n, prompt_n)
+                if i == n:
+                    done = timings(prompt_n, n, prompt_seconds, time.monotonic() - began - prompt_seconds)
+                    if not with_usage:
+                        event["timings"] = done  # llama-server: on the last event of the answer
+                self.send_event(event, seq=i)
+            if with_usage:
+                self.send_event({**head, "choices": [], "usage": usage(prompt_n, n), "timings": done}, seq=n + 1)
+            if kind != "native":  # llama.cpp sends [DONE] on its OpenAI routes only
+                self.send_chunk(b"data: [DONE]\n\n")
+            self.end_chunked()
+        finally:
+            state.completion_ended(done)
 
     # -- transport test routes --------------------------------------------
 
@@ -661,6 +746,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", type=int, default=16, help="tokens when the request gives none")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token")
     parser.add_argument("--model-name", default="test-model")
+    parser.add_argument("--metrics", action="store_true", help="serve /metrics (llama-server's flag)")
     parser.add_argument("--port-file", help="also write the port here (atomically)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each request to stderr")
     return parser.parse_args(argv)

@@ -227,6 +227,47 @@ def test_stream_usage_chunk_when_asked(backend):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
 
 
+def test_timings_ride_on_the_last_event_as_llama_servers(backend):
+    body = requests.post(backend.url("/v1/chat/completions"), json={"max_tokens": 3, "messages": []}).json()
+    assert body["timings"]["predicted_n"] == 3 and body["timings"]["predicted_per_second"] > 0
+    assert set(body["timings"]) == {"cache_n", "prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second",
+                                    "predicted_n", "predicted_ms", "predicted_per_token_ms", "predicted_per_second"}
+    for include_usage in (False, True):
+        sock, f = post_raw(backend.port, "/v1/chat/completions",
+                           {"max_tokens": 2, "stream": True, "stream_options": {"include_usage": include_usage}})
+        read_head(f)
+        events = events_of(read_chunks(f))
+        hang_up(sock, f)
+        assert ["timings" in event for event in events] == [False] * (len(events) - 1) + [True]
+        assert ("usage" in events[-1]) is include_usage and events[-1]["timings"]["predicted_n"] == 2
+
+
+def test_metrics_need_the_flag_as_llama_server(backend):
+    r = requests.get(backend.url("/metrics"))
+    assert r.status_code == 501 and "--metrics" in r.json()["error"]["message"]
+
+
+def test_metrics_count_what_was_served_in_llama_servers_format():
+    server = Backend("--metrics")
+    try:
+        for tokens in (3, 4):
+            requests.post(server.url("/v1/chat/completions"),
+                          json={"max_tokens": tokens, "messages": [{"role": "user", "content": "one two"}]})
+        r = requests.get(server.url("/metrics"))
+        assert r.status_code == 200 and r.headers["Content-Type"] == "text/plain; version=0.0.4"
+        lines = r.text.splitlines()
+        assert lines[:3] == ["# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.",
+                             "# TYPE llamacpp:prompt_tokens_total counter", "llamacpp:prompt_tokens_total 4"]
+        values = dict(line.split() for line in lines if not line.startswith("#"))
+        assert values["llamacpp:tokens_predicted_total"] == "7"
+        assert values["llamacpp:n_tokens_max"] == "6"
+        assert values["llamacpp:requests_processing"] == "0"
+        assert 0 <= float(values["llamacpp:kv_cache_usage_ratio"]) <= 1
+        assert all(name.startswith("llamacpp:") for name in values)
+    finally:
+        assert server.stop()[0] == 0
+
+
 def test_v1_completions(backend):
     body = requests.post(backend.url("/v1/completions"), json={"max_tokens": 2, "prompt": "a b c"}).json()
     assert body["object"] == "text_completion" and body["choices"][0]["text"] == "tok0 tok1 "

@@ -147,6 +147,21 @@ class Containers:
             return None
         return data.decode("utf-8", "replace").splitlines()[-lines:]
 
+    def logs(self, service: ServiceConfig, tail: int | str, follow: bool, since: float | None,
+             timestamps: bool) -> "LogStream | None":
+        """Its container's log (stdout and stderr), from the last ``tail`` lines (or "all")
+        and, with ``since``, no older than that (seconds since the epoch); with ``follow``
+        on until the container stops. None when there is no container of ours."""
+        container = self._get(service.id)
+        if container is None or not is_ours(container.labels, self.prefix):
+            return None
+        try:
+            stream = self._call(lambda: container.logs(stdout=True, stderr=True, stream=True, follow=follow,
+                                                       tail=tail, since=since, timestamps=timestamps), service)
+        except docker.errors.NotFound:
+            return None
+        return LogStream(stream)
+
     # -- acting -------------------------------------------------------------------------
 
     def start(self, service: ServiceConfig) -> ContainerInfo:
@@ -264,6 +279,44 @@ class Containers:
         logger.info("container {} stopped{} (exit code {})", self.name(service.id),
                     " and removed" if remove else "", exit_code)
         return info, exit_code
+
+
+class LogStream:
+    """One container's log as Docker streams it: its lines (stdout and stderr together, each
+    without its newline), and ``close`` to end the stream, and its connection to the engine,
+    from another greenlet."""
+
+    LONGEST_LINE = 64 * 1024  # a longer run without a newline is handed on in pieces
+
+    def __init__(self, stream):
+        self._stream = stream  # docker-py's CancellableStream of demultiplexed frames
+        self.closed = False
+
+    def lines(self) -> Iterator[bytes]:
+        pending = b""
+        try:
+            for frame in self._stream:  # mostly one line each; a long one comes in 16 KiB frames
+                pending += frame
+                if b"\n" in pending:
+                    *complete, pending = pending.split(b"\n")
+                    yield from complete
+                if len(pending) >= self.LONGEST_LINE:
+                    yield pending
+                    pending = b""
+        except (requests.RequestException, docker.errors.DockerException) as exc:
+            if not self.closed:
+                logger.warning("a container's log stream broke off: {}", exc)
+        if pending:
+            yield pending
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._stream.close()
+        except (OSError, AttributeError, docker.errors.DockerException):
+            pass  # already closed by the engine's side
 
 
 def _explanation(exc: BaseException) -> str:
