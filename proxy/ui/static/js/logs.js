@@ -21,6 +21,7 @@ export class LogPanel {
     this.open = false;
     this.controller = null; // the stream being read
     this.following = null; // its container id
+    this.ended = false; // its stream came to its end (the container stopped)
     this.drawScheduled = false;
     this.pauseButton.addEventListener("click", () => this.setPaused(!this.paused));
   }
@@ -37,15 +38,17 @@ export class LogPanel {
     this.stop();
   }
 
-  // The card tells of its container: a new one is followed; one whose stream ended is
-  // followed again when it runs (say the proxy restarted meanwhile).
+  // The card tells of its container: a new one is followed; one whose stream broke off (the
+  // proxy restarted, say) is followed again while it runs. A stream that ended cleanly
+  // ended with its container.
   container(containerId, running) {
     if (!this.open) return;
     if (!containerId) {
       if (this.following === null) this.say("no container: nothing to show yet");
       return; // else the last one's lines stay, and how its stream ended
     }
-    if (containerId !== this.following || (!this.controller && running)) this.follow(containerId);
+    const broken = !this.controller && !this.ended && running;
+    if (containerId !== this.following || broken) this.follow(containerId);
   }
 
   stop() {
@@ -60,12 +63,16 @@ export class LogPanel {
     if (containerId === this.following) this.lines = []; // its tail comes again
     else if (this.following !== null) this.add([`--- container ${containerId.slice(0, 12)} ---`]);
     this.following = containerId;
+    this.ended = false;
     this.say("following");
     const path = `/api/v1/service/${encodeURIComponent(this.serviceId)}/logs?tail=${TAIL}&follow=true`;
     try {
       const response = await request(path, { signal: controller.signal });
       await this.consume(response);
-      if (this.controller === controller) this.say("ended: the container stopped");
+      if (this.controller === controller) {
+        this.ended = true;
+        this.say("ended: the container stopped");
+      }
     } catch (error) {
       if (controller.signal.aborted) return;
       if (error instanceof ProxyError && error.code === "no_container") this.say("no container: nothing to show");
