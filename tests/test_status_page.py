@@ -25,6 +25,15 @@ TOKEN = "page-admin-token-51c2"
 KEY = "page-api-key-9d0e"
 UNAUTHORIZED = r"status of 401"  # the browser's own console line for a 401 answer
 PAGE_WEIGHT_LIMIT = 200 * 1024
+# Each text the playground's answer had, as it grew.
+RECORD_ANSWER = """() => {
+  const answer = document.getElementById("playground-answer");
+  window.__answers = [];
+  new MutationObserver(() => window.__answers.push(answer.textContent))
+      .observe(answer, {childList: true, characterData: true, subtree: true});
+}"""
+# No hyphen or space to break at: the card must wrap it, not widen the page.
+LONG_ALIAS = "Qwen2.5_7B_Instruct_GGUF_Q4_K_M_imatrix_calibrated_as_one_long_word"
 
 
 def _slow_start(port: int, **overrides) -> dict:
@@ -67,8 +76,14 @@ def test_a_service_is_started_followed_in_its_log_and_drained_to_stopped_from_th
     ui.button("Stop llm").click()
     dialog = page.locator("#stop-dialog")
     expect(dialog).to_be_visible()
+    page.keyboard.press("Escape")  # changed my mind: nothing happens
+    expect(dialog).to_be_hidden()
+    page.wait_for_timeout(500)
+    ui.expect_state("llm", "ready", timeout=1)
+    ui.button("Stop llm").click()
     dialog.get_by_role("button", name="Drain, then stop").click()
     ui.expect_state("llm", "stopped", timeout=30)
+    assert "stop llm requested\n" in proxy.log()  # with its drain (else "(no drain)")
     assert containers_of(docker_client, container_prefix) == []
     expect(llm.locator(".logs-state")).to_have_text("ended: the container stopped", timeout=10_000)
     assert ui.errors_but() == []
@@ -110,12 +125,12 @@ def test_with_an_admin_token_the_page_asks_for_it_and_says_when_it_is_wrong(star
     # Kept for this tab only, and never in a URL.
     assert page.evaluate("sessionStorage.getItem('inference-proxy.admin-token')") == TOKEN
     assert page.evaluate("localStorage.length") == 0
-    assert not [url for url in ui.requests if TOKEN in url or "not-the-token" in url]
 
     page.reload()  # the same tab: not asked again
     ui.expect_live()
     ui.expect_state("llm", "stopped", timeout=10)
     expect(dialog).to_be_hidden()
+    assert not [url for url in ui.requests if TOKEN in url or "not-the-token" in url]
     assert ui.errors_but(UNAUTHORIZED) == []
 
 
@@ -134,9 +149,7 @@ def test_the_playground_streams_an_answer_token_by_token_with_its_timings(start_
     model.select_option("llm:8b")
     page.get_by_label("Message").fill("Hello there")
     answer = page.locator("#playground-answer")
-    page.evaluate("""() => { window.__answers = [];
-        new MutationObserver(() => window.__answers.push(document.getElementById('playground-answer').textContent))
-            .observe(document.getElementById('playground-answer'), {childList: true, characterData: true, subtree: true}); }""")
+    page.evaluate(RECORD_ANSWER)
     ui.button("Send").click()
 
     expected = "".join(f"tok{i} " for i in range(16))
@@ -164,6 +177,10 @@ def test_a_stopped_autostart_model_shows_loading_in_the_playground_then_answers(
     expect(page.locator("#playground-answer")).to_contain_text("tok0 tok1", timeout=60_000)
     expect(page.locator("#playground-status")).to_have_text("done")
     ui.expect_state("cold", "ready", timeout=10)
+    ui.button("Stop cold").click()
+    page.locator("#stop-dialog").get_by_role("button", name="Stop now").click()
+    ui.expect_state("cold", "stopped", timeout=30)
+    assert "stop cold requested (no drain)" in proxy.log()
     assert ui.errors_but() == []
 
 
@@ -220,8 +237,8 @@ def test_the_page_is_small_self_contained_fits_a_phone_and_has_no_console_errors
                                 aliases=["llama3:8b", "meta-llama/Meta-Llama-3-8B-Instruct"],
                                 group="gpu0", autostart=True, idle_timeout="15m"),
         # never started here: the engine has no GPU to give
-        "qwen": service_entry(free_port(), aliases=["qwen2.5:7b"], group="gpu0", autostart=True,
-                              resources={"gpus": ["0"]}),
+        "qwen": service_entry(free_port(), group="gpu0", autostart=True, resources={"gpus": ["0"]},
+                              aliases=["qwen2.5:7b", LONG_ALIAS]),
         "broken": service_entry(free_port(), args=["--port", "not-a-number"]),
     }, groups=groups)
     page.set_viewport_size({"width": 1280, "height": 900})

@@ -75,10 +75,11 @@ async function errorOf(response) {
   return new ProxyError(response.status, body);
 }
 
-// fetch() with the credential, asking for it again on 401; answers an ok Response, or
-// throws ProxyError. The caller reads (or streams) the body.
-// ask: false answers a 401 as an error rather than asking.
-export async function request(path, { credential = adminToken, method = "GET", body, headers = {}, signal, ask = true } = {}) {
+// fetch() with the credential, asking for it again on 401 (with ask: false, a 401 is thrown
+// like any error); answers an ok Response, or throws ProxyError. The caller reads (or
+// streams) the body.
+export async function request(path, options = {}) {
+  const { credential = adminToken, method = "GET", body, headers = {}, signal, ask = true } = options;
   for (;;) {
     const sent = credential.value;
     const response = await fetch(path, {

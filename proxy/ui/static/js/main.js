@@ -55,11 +55,10 @@ const services = new Services($("services"), $("service-template"), $("services-
     const answer = await postJson(`/api/v1/service/${encodeURIComponent(id)}/start`);
     if (mark(id) === asked) services.apply(answer);
   },
-  async stop(id) {
-    const choice = await confirmStop(services.get(id).data);
-    if (!choice) return;
+  confirmStop,
+  async stop(id, how) {
     const asked = mark(id);
-    const answer = await postJson(`/api/v1/service/${encodeURIComponent(id)}/stop?drain=${choice === "drain"}`);
+    const answer = await postJson(`/api/v1/service/${encodeURIComponent(id)}/stop?drain=${how === "drain"}`);
     if (mark(id) === asked) services.apply(answer);
   },
   async tail(id) {

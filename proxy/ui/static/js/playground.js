@@ -133,11 +133,11 @@ export class Playground {
           last = now;
           count += 1;
           this.answer.append(piece);
-          this.showStats(first - began, count > 1 ? (count - 1) / ((last - first) / 1000) : null, count);
+          this.showStats(first - began, rate(count, first, last), count);
         }
         if (chunk.usage && Number.isFinite(chunk.usage.completion_tokens)) count = chunk.usage.completion_tokens;
       }
-      this.showStats(first === null ? null : first - began, count > 1 && last > first ? (count - 1) / ((last - first) / 1000) : null, count);
+      this.showStats(first === null ? null : first - began, rate(count, first, last), count);
       this.say(first === null ? "done: the answer was empty" : "done");
     } catch (error) {
       if (controller.signal.aborted) this.say("stopped");
@@ -164,4 +164,9 @@ export class Playground {
     this.status.textContent = text;
     this.status.dataset.kind = kind;
   }
+}
+
+// Tokens per second after the first (which the time to first token covers); null for one.
+function rate(count, first, last) {
+  return count > 1 && last > first ? (count - 1) / ((last - first) / 1000) : null;
 }

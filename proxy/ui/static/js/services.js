@@ -10,7 +10,8 @@ const STARTABLE = new Set(["stopped", "failed"]);
 const STOPPABLE = new Set(["pulling", "starting", "ready", "failed"]);
 
 export class Services {
-  // actions: start(id), stop(id), tail(id) -> Promise<lines>, refresh(id), stateChanged(id, state)
+  // actions: start(id), confirmStop(status) -> "drain" | "now" | null, stop(id, how),
+  // tail(id) -> Promise<lines>, refresh(id), stateChanged(id, state)
   constructor(list, template, emptyNote, actions) {
     this.list = list;
     this.template = template;
@@ -91,7 +92,9 @@ class Card {
     this.idleRefreshed = false;
     this.tailFor = null; // the container whose log tail is shown
     this.logs = new LogPanel(id, this.field("logs"));
-    for (const name of ["start", "stop", "logs"]) this.button(name).setAttribute("aria-label", `${this.labelOf(name)} ${id}`);
+    for (const name of ["start", "stop", "logs"]) {
+      this.button(name).setAttribute("aria-label", `${this.labelOf(name)} ${id}`);
+    }
     this.button("start").addEventListener("click", () => this.act("start"));
     this.button("stop").addEventListener("click", () => this.act("stop"));
     this.button("logs").addEventListener("click", () => this.toggleLogs());
@@ -126,11 +129,16 @@ class Card {
   }
 
   async act(name) {
+    let how = null; // a stop's: "drain" or "now"
+    if (name === "stop") {
+      how = await this.actions.confirmStop(this.data);
+      if (!how) return;
+    }
     this.busy = true;
     this.notice("");
     this.render(this.data.state);
     try {
-      await this.actions[name](this.id);
+      await this.actions[name](this.id, how);
     } catch (error) {
       this.notice(`${name === "start" ? "Start" : "Stop"} failed: ${describe(error)}`);
     } finally {
@@ -169,13 +177,15 @@ class Card {
       const percent = this.progress && Number.isFinite(this.progress.percent) ? this.progress.percent : null;
       if (percent === null) bar.removeAttribute("value");
       else bar.value = percent;
-      progressBox.querySelector(".progress-text").textContent = this.progress ? format.progress(this.progress) : "pulling the image";
+      const text = this.progress ? format.progress(this.progress) : "pulling the image";
+      progressBox.querySelector(".progress-text").textContent = text;
     }
 
     this.renderFailure();
 
     this.setText("image", d.image || "–", true);
-    let container = d.container_id ? `${format.shortId(d.container_id)} (${d.status})` : d.status === "not found" || !d.status ? "none" : d.status;
+    let container = d.status && d.status !== "not found" ? d.status : "none";
+    if (d.container_id) container = `${format.shortId(d.container_id)} (${d.status})`;
     if (d.stale) container += " · made from an older config: restart to apply it";
     this.setText("container", container, true);
     const group = d.group ? `${d.group}${d.exclusive ? " (exclusive)" : ""}` : "none";
