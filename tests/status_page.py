@@ -28,6 +28,31 @@ new MutationObserver(() => {
 """
 
 
+# The page's own log panel, fed a body of `count` lines, then `more` while paused; what it
+# kept and showed at each step.
+LOG_PANEL = r"""async ([count, more]) => {
+  const { LogPanel, MAX_LINES } = await import("/ui/static/js/logs.js");
+  const section = document.querySelector("#service-template").content.querySelector(".logs").cloneNode(true);
+  document.body.append(section);
+  const panel = new LogPanel("llm", section);
+  const body = (from, to) => new Response(Array.from({length: to - from}, (_, i) => `line ${from + i}\n`).join(""));
+  const frame = () => new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+  await panel.consume(body(0, count));
+  await frame();
+  const first = section.querySelector(".log-lines").textContent.split("\n");
+  section.querySelector('[data-action="pause"]').click();
+  await panel.consume(body(count, count + more));
+  await frame();
+  const paused = section.querySelector(".log-lines").textContent.split("\n");
+  const said = section.querySelector(".logs-state").textContent;
+  section.querySelector('[data-action="pause"]').click();
+  await frame();
+  const resumed = section.querySelector(".log-lines").textContent.split("\n");
+  return { max: MAX_LINES, kept: panel.lines.length, first: [first.length, first[0], first.at(-1)],
+           paused: [paused.length, paused.at(-1)], said, resumed: [resumed.length, resumed[0], resumed.at(-1)] };
+}"""
+
+
 class StatusPage:
     """The page of one proxy in one browser tab, with what the browser said meanwhile."""
 

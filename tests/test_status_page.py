@@ -18,7 +18,7 @@ from playwright.sync_api import expect
 
 from conftest import ROOT, free_port, service_entry
 from engine_api import api, containers_of, start_ready
-from status_page import StatusPage
+from status_page import LOG_PANEL, StatusPage
 
 BACKEND_ARGS = ["--host", "0.0.0.0", "--port", "8080"]
 TOKEN = "page-admin-token-51c2"
@@ -262,7 +262,7 @@ def test_the_page_is_small_self_contained_fits_a_phone_and_has_no_console_errors
     assert all(url.startswith(proxy.url + "/") for url in ui.requests), ui.requests
     files = {url for url in ui.requests if url.startswith(proxy.url + "/ui")}
     weight = sum(len(requests.get(url, timeout=10).content) for url in files)
-    assert {url.rsplit("/", 1)[-1] for url in files} >= {"ui", "ui.css", "main.js", "favicon.svg"}
+    assert {url.rsplit("/", 1)[-1] for url in files} >= {"ui", "ui.css", "main.js", "services.js"}
     assert weight < PAGE_WEIGHT_LIMIT, weight
 
     page.set_viewport_size({"width": 390, "height": 844})
@@ -270,30 +270,6 @@ def test_the_page_is_small_self_contained_fits_a_phone_and_has_no_console_errors
     assert ui.overflow() == 0
     ui.screenshot(tmp_path, "status-page-narrow.png")
     assert ui.errors_but() == []
-
-
-LOG_PANEL = r"""async ([count, more]) => {
-  // The page's own log panel, fed a body of `count` lines, then `more` while paused.
-  const { LogPanel, MAX_LINES } = await import("/ui/static/js/logs.js");
-  const section = document.querySelector("#service-template").content.querySelector(".logs").cloneNode(true);
-  document.body.append(section);
-  const panel = new LogPanel("llm", section);
-  const body = (from, to) => new Response(Array.from({length: to - from}, (_, i) => `line ${from + i}\n`).join(""));
-  const frame = () => new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
-  await panel.consume(body(0, count));
-  await frame();
-  const first = section.querySelector(".log-lines").textContent.split("\n");
-  section.querySelector('[data-action="pause"]').click();
-  await panel.consume(body(count, count + more));
-  await frame();
-  const paused = section.querySelector(".log-lines").textContent.split("\n");
-  const said = section.querySelector(".logs-state").textContent;
-  section.querySelector('[data-action="pause"]').click();
-  await frame();
-  const resumed = section.querySelector(".log-lines").textContent.split("\n");
-  return { max: MAX_LINES, kept: panel.lines.length, first: [first.length, first[0], first.at(-1)],
-           paused: [paused.length, paused.at(-1)], said, resumed: [resumed.length, resumed[0], resumed.at(-1)] };
-}"""
 
 
 def test_the_log_panel_keeps_the_last_5000_lines_and_holds_still_while_paused(start_proxy, page):

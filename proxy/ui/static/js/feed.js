@@ -2,7 +2,7 @@
 // header), and connected again with a growing pause whenever it ends: the proxy restarted,
 // the network went away, or nothing (not even a keep-alive) came for too long.
 
-import { ProxyError, request } from "./api.js";
+import { request } from "./api.js";
 import { events } from "./stream.js";
 
 const FIRST_PAUSE = 500; // ms before the first reconnect; doubled each failure
@@ -10,10 +10,10 @@ const LONGEST_PAUSE = 8000;
 const SILENCE = 40000; // ms without a byte (keep-alives come every 15 s) before reconnecting
 
 export class Feed {
-  // handlers: snapshot(services), service(change), reload(data), state(word, detail)
+  // handlers: snapshot(services), service(change), reload(data), state(word): connecting,
+  // reconnecting or live
   constructor(handlers) {
     this.handlers = handlers;
-    this.controller = null;
     this.running = false;
   }
 
@@ -32,12 +32,8 @@ export class Feed {
         await this.follow(() => {
           pause = FIRST_PAUSE; // it got through: the next drop reconnects quickly
         });
-      } catch (error) {
-        if (error instanceof ProxyError && error.status === 404) {
-          this.handlers.state("off", "this proxy has no event stream (GET /api/v1/events)");
-          this.handlers.missing();
-          return;
-        }
+      } catch {
+        // the proxy went away or refused: try again after the pause
       }
       first = false;
       this.handlers.state("reconnecting");
@@ -48,7 +44,6 @@ export class Feed {
 
   async follow(connected) {
     const controller = new AbortController();
-    this.controller = controller;
     let watchdog = 0;
     const heard = () => {
       clearTimeout(watchdog);

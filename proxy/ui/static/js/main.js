@@ -11,7 +11,7 @@ import { Playground } from "./playground.js";
 import { Services } from "./services.js";
 
 const $ = (id) => document.getElementById(id);
-const LIVE_WORDS = { connecting: "connecting…", reconnecting: "reconnecting…", live: "live", off: "not live" };
+const LIVE_WORDS = { connecting: "connecting…", reconnecting: "reconnecting…", live: "live" };
 
 // Events seen per service: an answer asked for before the latest event is older than it.
 const seen = new Map();
@@ -101,10 +101,10 @@ function showEngine() {
 }
 
 const feed = new Feed({
-  state(word, detail) {
+  state(word) {
     const connection = $("connection");
     connection.dataset.live = word;
-    connection.textContent = detail ? `${LIVE_WORDS[word]}: ${detail}` : LIVE_WORDS[word];
+    connection.textContent = LIVE_WORDS[word];
   },
   snapshot(reports) {
     for (const id of seen.keys()) bump(id);
@@ -119,9 +119,6 @@ const feed = new Feed({
   reload() {
     refreshAll();
     playground.loadModels();
-  },
-  missing() {
-    refreshAll(); // an older proxy: show what is there, once
   },
 });
 
