@@ -10,10 +10,12 @@ STATUS_PAGE_SCREENSHOTS=docs (the directory, under the repository, to keep it in
 from __future__ import annotations
 
 import re
+import signal
 import time
 
 import pytest
 import requests
+import yaml
 from playwright.sync_api import expect
 
 from conftest import ROOT, free_port, service_entry
@@ -270,6 +272,23 @@ def test_the_page_is_small_self_contained_fits_a_phone_and_has_no_console_errors
     assert ui.overflow() == 0
     ui.screenshot(tmp_path, "status-page-narrow.png")
     assert ui.errors_but() == []
+
+
+def test_a_reload_that_adds_and_removes_services_shows_on_the_page(start_proxy, page):
+    proxy = start_proxy({"llm": service_entry(free_port()), "old": service_entry(free_port())})
+    ui = StatusPage(page, proxy).open()
+    ui.expect_live()
+    expect(page.locator("li.card")).to_have_count(2)
+    config = yaml.safe_load(proxy.config_path.read_text())
+    del config["services"]["old"]
+    config["services"]["new"] = service_entry(free_port(), aliases=["new:1b"])
+    proxy.config_path.write_text(yaml.safe_dump(config))
+    proxy.proc.send_signal(signal.SIGHUP)
+    expect(ui.card("new")).to_contain_text("also: new:1b", timeout=20_000)
+    expect(page.locator("li.card")).to_have_count(2)
+    expect(ui.card("old")).to_have_count(0)
+    expect(page.get_by_label("Model").locator("option")).to_have_count(3, timeout=10_000)  # llm, new, new:1b
+    assert ui.errors_but(r"net::ERR_") == []
 
 
 def test_the_log_panel_keeps_the_last_5000_lines_and_holds_still_while_paused(start_proxy, page):

@@ -107,9 +107,11 @@ const feed = new Feed({
     connection.textContent = LIVE_WORDS[word];
   },
   snapshot(reports) {
+    // On every (re)connect: the proxy may have restarted with another config meanwhile.
     for (const id of seen.keys()) bump(id);
     services.replaceAll(reports);
     showEngine();
+    playground.loadModels();
   },
   service(change) {
     bump(change.service_id);
@@ -124,4 +126,3 @@ const feed = new Feed({
 
 setInterval(() => services.tick(), 1000);
 feed.start();
-playground.loadModels();
