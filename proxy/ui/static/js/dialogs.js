@@ -12,21 +12,28 @@ const EXPLAIN_KEY =
   "This proxy asks for an API key (server.api_keys) to reach its models. It is kept in this tab only and sent " +
   "as 'Authorization: Bearer'.";
 
-let queue = Promise.resolve(); // one credential question at a time
+let queue = Promise.resolve(); // one dialog at a time
 
-// Ask for a credential; resolves once the user gave one. Cancelling leaves it pending and
-// shows `onCancel`'s way back (a banner with a button).
+// Ask for a credential; resolves once the user gave one. A cancel leaves it pending and
+// shows `onCancel`'s way back (a banner with a button that asks again).
 export function promptCredential(credential, refusal, onCancel) {
-  const asked = queue.then(() => ask(credential, refusal, onCancel));
-  queue = asked.catch(() => {});
-  return asked;
+  return new Promise((resolve) => {
+    const open = () => {
+      const shown = queue.then(() => ask(credential, refusal));
+      queue = shown;
+      shown.then((given) => (given ? resolve() : onCancel(credential, open)));
+    };
+    open();
+  });
 }
 
-function ask(credential, refusal, onCancel) {
+// Show the dialog; true once a value was given, false when cancelled.
+function ask(credential, refusal) {
   const dialog = document.getElementById("credential-dialog");
   const form = document.getElementById("credential-form");
   const input = document.getElementById("credential-input");
   const error = document.getElementById("credential-error");
+  const cancelButton = document.getElementById("credential-cancel");
   const title = credential === adminToken ? "Admin token" : "API key";
   document.getElementById("credential-title").textContent = title;
   document.getElementById("credential-label").textContent = title;
@@ -38,29 +45,24 @@ function ask(credential, refusal, onCancel) {
   input.value = "";
 
   return new Promise((resolve) => {
+    const finish = (given) => {
+      form.removeEventListener("submit", submitted);
+      dialog.removeEventListener("cancel", escaped);
+      cancelButton.removeEventListener("click", cancelled);
+      dialog.close();
+      resolve(given);
+    };
     const submitted = (event) => {
       event.preventDefault();
       const value = input.value.trim();
       if (!value) return;
       credential.value = value;
-      done();
-      dialog.close();
-      resolve();
+      finish(true);
     };
-    const cancelled = () => {
-      done();
-      dialog.close();
-      onCancel(credential, () => ask(credential, refusal, onCancel).then(resolve));
-    };
+    const cancelled = () => finish(false);
     const escaped = (event) => {
       event.preventDefault();
-      cancelled();
-    };
-    const cancelButton = document.getElementById("credential-cancel");
-    const done = () => {
-      form.removeEventListener("submit", submitted);
-      dialog.removeEventListener("cancel", escaped);
-      cancelButton.removeEventListener("click", cancelled);
+      finish(false);
     };
     form.addEventListener("submit", submitted);
     dialog.addEventListener("cancel", escaped);
