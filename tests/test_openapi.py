@@ -125,6 +125,22 @@ def test_the_served_document_names_the_configured_services(start_proxy):
 
 # -- the real API against it ----------------------------------------------------------------
 
+def test_every_form_of_gpus_and_the_other_config_fields_keep_to_the_document(start_proxy):
+    """What the status page shows of each service's config (no engine needed to report it)."""
+    forms = {"all": "all", "two": 2, "some": ["0", "2"], "none": None}
+    services = {name: service_entry(free_port(), **({"resources": {"gpus": gpus}} if gpus else {}))
+                for name, gpus in forms.items()}
+    services["two"].update(autostart=True, idle_timeout="90s", group="shared")
+    proxy = start_proxy(services, groups={"shared": {}})
+    response = schema["/api/v1/services"]["GET"].Case().call_and_validate(base_url=proxy.url, checks=CHECKS)
+    listed = {s["service_id"]: s for s in response.json()["services"]}
+    assert {name: s["gpus"] for name, s in listed.items()} == forms
+    two = listed["two"]
+    assert (two["autostart"], two["idle_timeout"], two["idle_seconds_left"]) == (True, 90, None)
+    assert (two["group"], two["exclusive"], two["aliases"]) == ("shared", False, [])
+    assert listed["all"]["group"] is None and listed["all"]["idle_timeout"] is None
+
+
 @pytest.fixture(scope="module")
 def api_proxy(module_launchers, docker_client):
     """A proxy on the real engine whose services run the test image: 'llm', and 'slow',
@@ -133,8 +149,11 @@ def api_proxy(module_launchers, docker_client):
     _, start_proxy = module_launchers
     prefix = f"iptest-{uuid.uuid4().hex[:8]}"
     slow = service_entry(free_port(), args=["--host", "0.0.0.0", "--port", "8080", "--load-seconds", "60"])
+    # llm also has what the status page shows: aliases, an exclusive group, an idle stop due.
+    llm = service_entry(free_port(), aliases=["llm:8b", "org/Llm-8B"], group="gpu0", idle_timeout=600)
     try:
-        proxy = start_proxy({"llm": service_entry(free_port()), "slow": slow}, docker_host=None, prefix=prefix)
+        proxy = start_proxy({"llm": llm, "slow": slow}, docker_host=None, prefix=prefix,
+                            groups={"gpu0": {"exclusive": True}})
         served = requests.get(f"{proxy.url}/api/v1/openapi.json", timeout=10).json()
         assert served == schema.raw_schema, "schemathesis must test the document this proxy serves"
         yield proxy
@@ -186,7 +205,9 @@ def test_every_lifecycle_answer_keeps_to_the_document(api_proxy):
     assert call(stop, "POST", 200)["state"] == "stopped"
     assert call(stop, "POST", 200)["status"] == "not found"
     assert call(start, "POST", 200, wait="true", timeout=REQUEST_TIMEOUT)["ready"] is True
-    assert call(status, "GET", 200)["ready"] is True
+    running = call(status, "GET", 200)
+    assert running["ready"] is True and 590 < running["idle_seconds_left"] <= 600, running
+    assert (running["aliases"], running["group"], running["exclusive"]) == (["llm:8b", "org/Llm-8B"], "gpu0", True)
     logs = "/api/v1/service/{service_id}/logs"
     assert "LISTENING 8080" in call(logs, "GET", 200, tail=5, timestamps="true", as_text=True)
     assert call(logs, "GET", 400, tail="-1")["error"]["code"] == "invalid_parameter"

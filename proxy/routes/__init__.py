@@ -1,6 +1,6 @@
 """The HTTP surfaces, one blueprint each: the service passthrough, the OpenAI front door,
-the admin API, the health check and the metrics; who may call which is ``auth``'s, and what
-browser pages may do is ``cross_site``'s."""
+the admin API, the health check, the metrics and the status page; who may call which is
+``auth``'s, and what browser pages may do is ``cross_site``'s."""
 from __future__ import annotations
 
 from flask import Flask
@@ -8,13 +8,13 @@ from flask import Flask
 from ..config import Config
 from ..forwarding.inbound import register_body_guard
 from ..log import register_request_log
-from . import admin, health, metrics, observe, openai, service  # observe: more /api/v1 routes
+from . import admin, health, metrics, observe, openai, service, ui  # observe: more /api/v1 routes
 from .auth import register_auth
 from .cross_site import register_cross_site
 
 
 def register_routes(app: Flask, config: Config) -> None:
-    for blueprint in (health.bp, service.bp, admin.bp, openai.bp, metrics.bp):
+    for blueprint in (health.bp, service.bp, admin.bp, openai.bp, metrics.bp, ui.bp):
         app.register_blueprint(blueprint)
     install_policies(app, config)
 

@@ -42,6 +42,8 @@ def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
     engine = runtime.lifecycle.engine(service)
     info = status.container
     stale = None if info.config_hash is None else info.config_hash != config_hash(service)
+    left = runtime.idle.seconds_left(service)
+    gpus = service.resources.gpus
     return {
         "service_id": service.id,
         "state": status.state,
@@ -61,6 +63,14 @@ def report(runtime, service: ServiceConfig, probe_health: bool = True) -> dict:
         "engine": _ENGINE_WORDS[engine.states.engine_reachable],  # whether its engine answers
         "engine_name": service.engine,
         "address": service.address,
+        # What the config says about it, for the status page.
+        "aliases": list(service.aliases),
+        "group": service.group,
+        "exclusive": service.group is not None and runtime.config.groups[service.group].exclusive,
+        "gpus": list(gpus) if isinstance(gpus, tuple) else gpus,  # null, "all", a count, or device ids
+        "autostart": service.autostart,
+        "idle_timeout": service.idle_timeout,
+        "idle_seconds_left": None if left is None else round(left, 1),
     }
 
 

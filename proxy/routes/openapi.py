@@ -48,7 +48,8 @@ CONTAINER_STATUS = {
     "description": "One service's lifecycle state, and what Docker says about its container.",
     "required": ["service_id", "state", "reason", "status", "ready", "container_id", "image", "started_at",
                  "exit_code", "oom_killed", "progress", "port", "stale", "in_flight", "queued", "engine",
-                 "engine_name", "address"],
+                 "engine_name", "address", "aliases", "group", "exclusive", "gpus", "autostart", "idle_timeout",
+                 "idle_seconds_left"],
     "properties": {
         "service_id": {"type": "string"},
         "state": {"type": "string", "enum": list(STATES),
@@ -84,6 +85,19 @@ CONTAINER_STATUS = {
         "engine_name": {"type": "string", "description": "The engine (Docker host) it runs on: 'local' or a key "
                                                           "of the config's engines."},
         "address": {"type": "string", "description": "Where its port is published: its engine's address."},
+        "aliases": {"type": "array", "items": {"type": "string"},
+                    "description": "More model names routed to it (services.<id>.aliases)."},
+        "group": _nullable({"type": "string"}, "Its group (services.<id>.group); null when none."),
+        "exclusive": {"type": "boolean", "description": "Whether its group is exclusive (false without a group)."},
+        "gpus": _nullable({"oneOf": [{"type": "string", "enum": ["all"]}, {"type": "integer", "minimum": 1},
+                                     {"type": "array", "items": {"type": "string"}}]},
+                          "The GPUs it asks for (resources.gpus): 'all', a count or device ids; null: none."),
+        "autostart": {"type": "boolean", "description": "Whether a request starts it when it is not running."},
+        "idle_timeout": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True},
+                                  "Seconds without a request before it is stopped; null: never."),
+        "idle_seconds_left": _nullable({"type": "number", "minimum": 0},
+                                       "Seconds before it is stopped for being idle; null when no idle stop "
+                                       "is due (no idle_timeout, not running, or requests in flight)."),
     },
 }
 
