@@ -150,7 +150,7 @@ def _get(metrics: dict, path: str):
 
 
 def check_targets(m: dict, name: str = "proxy") -> list[dict]:
-    """Issue 5's targets, for the proxy (or, for comparison, another column such as the
+    """The benchmark's targets, for the proxy (or, for comparison, another column such as the
     stack floor); met is None when the figure was not measured."""
     out = []
 
