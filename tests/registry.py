@@ -152,9 +152,8 @@ def push_fresh_image(docker_client, registry: Registry, size_mb: int, tag: str |
     start has to pull that layer. Returns (repository path, tag, image id)."""
     tag = tag or uuid.uuid4().hex[:12]
     repository = f"{registry.host}/ipt/backend"
-    writer = docker_client.containers.run(
-        TEST_IMAGE, entrypoint=["python3", "-c", f"open('/blob', 'wb').write(__import__('os').urandom({size_mb} << 20))"],
-        detach=True)
+    write_blob = f"open('/blob', 'wb').write(__import__('os').urandom({size_mb} << 20))"
+    writer = docker_client.containers.run(TEST_IMAGE, entrypoint=["python3", "-c", write_blob], detach=True)
     try:
         assert writer.wait(timeout=60)["StatusCode"] == 0
         image = writer.commit(repository=repository, tag=tag, changes=[

@@ -29,6 +29,10 @@ pytestmark = pytest.mark.engine
 MB = 1 << 20
 
 
+def _ours(prefix: str) -> dict:
+    return {"label": f"io.inference-proxy.instance={prefix}"}
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory, docker_client):
     """The registry for the whole session, started and stopped by its PID."""
@@ -59,7 +63,7 @@ def fresh_image(registry, slow_registry, docker_client, container_prefix):
 
     yield make
     slow_registry.rate = None
-    for found in docker_client.api.containers(all=True, filters={"label": f"io.inference-proxy.instance={container_prefix}"}):
+    for found in docker_client.api.containers(all=True, filters=_ours(container_prefix)):
         docker_client.api.remove_container(found["Id"], force=True)  # before the images they use
     for reference in set(references):
         try:
@@ -162,7 +166,7 @@ def test_a_stop_during_a_pull_abandons_the_start(engine_proxy, fresh_image, dock
     assert time.monotonic() - asked < 2
     time.sleep(10)  # past the time the pull would have taken
     assert status(proxy, "pulled")["state"] == "stopped"
-    assert docker_client.containers.list(all=True, filters={"label": f"io.inference-proxy.instance={container_prefix}"}) == []
+    assert docker_client.containers.list(all=True, filters=_ours(container_prefix)) == []
     assert "pull of image" in proxy.log() and "abandoned" in proxy.log()
 
 
@@ -240,8 +244,8 @@ def test_a_waiting_stream_shows_the_pull_progress_then_loading(engine_proxy, fre
     loading = ["--host", "0.0.0.0", "--port", "8080", "--load-seconds", "4"]
     proxy = engine_proxy({"llm": _pulled_service(reference, args=loading, autostart=True)})
     comments, events = [], []
-    with requests.post(f"{proxy.url}/v1/chat/completions", stream=True, timeout=120,
-                       json={"model": "llm", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as answer:
+    chat = {"model": "llm", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with requests.post(f"{proxy.url}/v1/chat/completions", json=chat, stream=True, timeout=120) as answer:
         assert answer.status_code == 200
         for line in answer.iter_lines():
             if line.startswith(b":"):
@@ -276,8 +280,7 @@ def test_registry_credentials_are_used_and_never_shown(engine_proxy, docker_clie
         shown = api(proxy, "GET", "/services").text + api(proxy, "GET", "/openapi.json").text
         assert password not in shown and password not in proxy.log()
     finally:
-        for found in docker_client.api.containers(all=True,
-                                                  filters={"label": f"io.inference-proxy.instance={container_prefix}"}):
+        for found in docker_client.api.containers(all=True, filters=_ours(container_prefix)):
             docker_client.api.remove_container(found["Id"], force=True)
         try:
             docker_client.images.remove(f"{locked.host}/ipt/backend:{tag}", force=True)

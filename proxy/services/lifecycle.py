@@ -474,4 +474,3 @@ class ClientLeft(Exception):
 def _token(container_id: str | None) -> int:
     """A container id as a number that fits the coordinator's int64 cells (60 bits)."""
     return int(container_id[:15], 16) if container_id else 0
-

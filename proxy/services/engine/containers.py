@@ -315,4 +315,3 @@ class LogStream:
             self._stream.close()
         except (OSError, AttributeError, docker.errors.DockerException):
             pass  # already closed by the engine's side
-

@@ -121,4 +121,3 @@ def pull_image(client: docker.DockerClient, service: ServiceConfig, on_progress:
 
 class _Refused(Exception):
     """The pull stream ended with Docker's error message."""
-
