@@ -52,20 +52,20 @@ def slow_registry(registry):
 def fresh_image(registry, slow_registry, docker_client, container_prefix):
     """Factory: push an image of ``size_mb`` random megabytes more than the test image, and
     give its reference through the relay; answers at ``rate`` bytes a second meanwhile."""
-    references = []
+    pulled = []  # references, and the image ids (an image whose tag moved on keeps only its id)
 
     def make(size_mb: int = 8, rate: float | None = 2 * MB, tag: str | None = None) -> tuple[str, str]:
         _, tag, image_id = push_fresh_image(docker_client, registry, size_mb, tag)
         slow_registry.rate = rate
         reference = f"{slow_registry.host}/ipt/backend:{tag}"
-        references.append(reference)
+        pulled.extend((reference, image_id))
         return reference, image_id
 
     yield make
     slow_registry.rate = None
     for found in docker_client.api.containers(all=True, filters=_ours(container_prefix)):
         docker_client.api.remove_container(found["Id"], force=True)  # before the images they use
-    for reference in set(references):
+    for reference in dict.fromkeys(pulled):
         try:
             docker_client.images.remove(reference, force=True)
         except Exception:  # noqa: BLE001 - never pulled (a failed or refused start)
