@@ -18,6 +18,7 @@ DEFAULT_MAX_QUEUE = 100  # services.<id>.max_queue when only max_concurrent is s
 MIN_MASKED_LENGTH = 4  # ${VAR} values shorter than this are not masked in the log
 LOCAL_ENGINE = "local"  # the engine that always exists: DOCKER_HOST, or the local socket
 LOOPBACK = "127.0.0.1"
+PULL_POLICIES = ("missing", "always", "never")  # as in Compose
 
 
 
@@ -101,6 +102,14 @@ def default_engines() -> Mapping[str, EngineConfig]:
 
 
 @dataclass(frozen=True)
+class RegistryAuth:
+    """Credentials for the registry of a service's image (Docker's auth_config)."""
+
+    username: str
+    password: str = field(repr=False)  # a secret: masked in logs, never shown
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     id: str
     type: str
@@ -131,6 +140,9 @@ class ServiceConfig:
     address: str = LOOPBACK  # its engine's address (filled in at load): where its port is published
     # Sent upstream as "Authorization: Bearer <key>" and given to llama-server as LLAMA_API_KEY.
     backend_api_key: str | None = field(default=None, repr=False)
+    # The image: pull it when missing (missing), on every start (always) or never.
+    pull_policy: str = "missing"
+    registry_auth: RegistryAuth | None = None  # None: the engine's own credentials, if any
 
     def __post_init__(self):
         for name, default in SERVICE_TYPES[self.type].items():
@@ -238,12 +250,13 @@ class Config:
 
     @property
     def secrets(self) -> frozenset[str]:
-        """Values no log line may show: the admin token, the API keys and everything that
-        came from the environment through ${VAR} (but the shortest, which would mask common
-        words and numbers everywhere)."""
+        """Values no log line may show: the admin token, the API keys, the registry passwords
+        and everything that came from the environment through ${VAR} (but the shortest, which
+        would mask common words and numbers everywhere)."""
         values = {value for value in self.expanded_values if len(value) >= MIN_MASKED_LENGTH}
         values.update(self.server.api_keys)
         values.update(s.backend_api_key for s in self.services.values() if s.backend_api_key)
+        values.update(service.registry_auth.password for service in self.services.values() if service.registry_auth)
         if self.server.admin_token:
             values.add(self.server.admin_token)
         return frozenset(values)

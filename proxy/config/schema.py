@@ -14,8 +14,8 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_l
 from .fields import (ENV_NAME, ENV_NAME_ERROR, GROUP_NAME, GROUP_NAME_ERROR, MODEL_NAME, MODEL_NAME_ERROR,
                      PORT_RANGE, SERVICE_ID, SERVICE_ID_ERROR, UNKNOWN_FIELD, ByteSize, Duration, Gpus, HostName,
                      Int, KeyedDict, LogLevel, ModelNames, Origin, ProxyAddress, Size, Text, Token, VolumeSpec)
-from .model import (LOCAL_ENGINE, SERVICE_TYPES, EngineConfig, GroupConfig, Resources, ServerConfig, ServiceConfig,
-                    Timeouts, TlsFiles, default_engines)
+from .model import (LOCAL_ENGINE, PULL_POLICIES, SERVICE_TYPES, EngineConfig, GroupConfig, RegistryAuth, Resources,
+                    ServerConfig, ServiceConfig, Timeouts, TlsFiles, default_engines)
 
 ENGINE_NAME_ERROR = GROUP_NAME_ERROR.replace("Group name", "Engine name")
 DOCKER_HOST = r"(tcp|ssh|unix)://\S+\Z"
@@ -68,6 +68,15 @@ class ResourcesSchema(StrictSchema):
         return Resources(**data)
 
 
+class RegistryAuthSchema(StrictSchema):
+    username = Text(required=True, validate=validate.Length(min=1))
+    password = Text(required=True, validate=validate.Length(min=1))
+
+    @post_load
+    def _build(self, data, **kwargs):
+        return RegistryAuth(**data)
+
+
 class ServiceSchema(StrictSchema):
     type = fields.String(required=True, validate=validate.OneOf(list(SERVICE_TYPES)))
     image = fields.String(required=True, validate=validate.Regexp(
@@ -96,6 +105,8 @@ class ServiceSchema(StrictSchema):
     drain_timeout = Duration(validate=validate.Range(min=0))
     engine = fields.String(validate=validate.Regexp(GROUP_NAME, error=ENGINE_NAME_ERROR))
     backend_api_key = Token()
+    pull_policy = fields.String(validate=validate.OneOf(PULL_POLICIES))
+    registry_auth = fields.Nested(RegistryAuthSchema)
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def _queue_needs_a_limit(self, data, original_data, **kwargs):

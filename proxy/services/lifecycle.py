@@ -24,19 +24,19 @@ from ..errors import (AlreadyRunning, DockerUnavailable, ProxyError, ServiceNotR
 from ..masking import masker
 from ..metrics.families import observe_start_stage, record_start, record_swap
 from ..forwarding.upstream import UpstreamPool
-from ..shared.coordinator import PHASE_NONE, PHASE_STARTING, PHASE_STOPPING, Coordinator
+from ..shared.coordinator import PHASE_NONE, PHASE_PULLING, PHASE_STARTING, PHASE_STOPPING, Coordinator
 from .container_states import ContainerStates
-from .engine import ContainerInfo, Containers
+from .engine import ContainerInfo, Containers, Progress
 from .engines import Engine, Engines
 from .engine.spec import check_volume_sources
 from .readiness import probe, wait_ready
-from .states import (FAILED, PULLING, READY, STARTING, STOPPED, STOPPING, REASONS, Observed, can_move, derive,
+from .states import (PULLING, READY, STARTING, STOPPED, STOPPING, REASONS, Observed, can_move, derive,
                      reason_code, reason_of)
 
 _WAIT_STEP = 0.25          # seconds between looks while another worker starts or stops a service
 _CREATE_RACE_GRACE = 10.0  # seconds another worker's container may take to appear after its create began
 _LOG_LINES = 30            # the log tail an error carries
-_PHASES = {PHASE_STARTING: STARTING, PHASE_STOPPING: STOPPING}
+_PHASES = {PHASE_STARTING: STARTING, PHASE_PULLING: PULLING, PHASE_STOPPING: STOPPING}
 _KILL_WAIT = 1.0           # seconds Docker work that is given up on gets to run its finally blocks
 
 T = TypeVar("T")
@@ -102,7 +102,8 @@ class Lifecycle:
                         healthy=self._healthy(service, info, probe_health),
                         failure=reason_of(self.coordinator.failure(service.id)[0]))
         state, reason = derive(seen)
-        return Status(state, reason, info)
+        progress = Progress(*self.coordinator.progress(service.id)).as_dict() if state == PULLING else None
+        return Status(state, reason, info, progress)
 
     def engine(self, service: ServiceConfig) -> Engine:
         """The engine the service runs on: its containers and their states."""
@@ -126,7 +127,7 @@ class Lifecycle:
         return self._phase(self.config.services[service_id]) == STOPPING
 
     def _phase(self, service: ServiceConfig) -> str | None:
-        """STARTING or STOPPING while a live worker does that, else None."""
+        """PULLING, STARTING or STOPPING while a live worker does that, else None."""
         info = self.coordinator.phase_info(service.id)
         if info.phase == PHASE_NONE or not info.owner_alive:
             return None
@@ -282,7 +283,7 @@ class Lifecycle:
         job = self._jobs.get(service.id)
         if job is not None and not job.result.ready():
             return job
-        if self._phase(service) == STARTING:
+        if self._phase(service) in (STARTING, PULLING):
             return None
         job = StartJob()
         self._jobs[service.id] = job
@@ -320,7 +321,8 @@ class Lifecycle:
         self._claim(service, PHASE_STARTING, job)
         try:
             self.coordinator.set_failure(service.id, 0)
-            began = time.monotonic()
+            self._pull_if_needed(service, job)  # before a swap: the running member serves meanwhile
+            began = time.monotonic()  # start_timeout counts from here: a pull may take far longer
             token = self._make_room(service, job)
             try:
                 if self.coordinator.phase(service.id) != PHASE_STARTING:  # a stop came meanwhile
@@ -351,7 +353,36 @@ class Lifecycle:
                     self.coordinator.unlock_group(service.group, token)
             return self._settle(service, outcome, info)
         finally:
-            self.coordinator.set_phase(service.id, PHASE_NONE, expect=PHASE_STARTING)
+            if not self.coordinator.set_phase(service.id, PHASE_NONE, expect=PHASE_STARTING):
+                self.coordinator.set_phase(service.id, PHASE_NONE, expect=PHASE_PULLING)  # the pull failed
+
+    def _pull_if_needed(self, service: ServiceConfig, job: StartJob) -> None:
+        """Pull the service's image as its pull_policy says, in the PULLING phase, with its
+        progress in the coordinator for every worker to report."""
+        engine = self.engine(service)
+        if engine.states.get(service.id).running:
+            return  # another worker's start made it meanwhile: nothing to pull for
+        if service.pull_policy != "always" and engine.containers.image_present(service):
+            return
+        if service.pull_policy == "never":
+            raise StartFailed(f"Image '{service.image}' is not on this Docker host and pull_policy is never",
+                              code="image_unavailable", service_id=service.id,
+                              hint=f"Pull or build it, or set services.{service.id}.pull_policy to missing")
+        if not self.coordinator.set_phase(service.id, PHASE_PULLING, expect=PHASE_STARTING):
+            raise ServiceStopping(f"Service '{service.id}' was stopped before it started", service_id=service.id)
+        self.coordinator.set_progress(service.id, 0, 0, 0, 0)
+
+        def on_progress(progress: Progress) -> None:
+            self.coordinator.set_progress(service.id, *progress)
+            job.accepted.set()  # the engine took the pull: the admin API may answer now
+
+        began = time.monotonic()
+        pulled = engine.containers.pull(service, on_progress,
+                                        keep_going=lambda: self.coordinator.phase(service.id) == PHASE_PULLING)
+        if not pulled or not self.coordinator.set_phase(service.id, PHASE_STARTING, expect=PHASE_PULLING):
+            raise ServiceStopping(f"Service '{service.id}' was stopped while its image was pulled",
+                                  service_id=service.id)
+        observe_start_stage(service.id, "pull", time.monotonic() - began)
 
     def _claim(self, service: ServiceConfig, phase: int, job: StartJob | None = None) -> None:
         """Take the service's phase; wait while another worker stops it."""
@@ -514,4 +545,3 @@ def _not_answering(service: ServiceConfig, engine) -> DockerUnavailable:
 def _token(container_id: str | None) -> int:
     """A container id as a number that fits the coordinator's int64 cells (60 bits)."""
     return int(container_id[:15], 16) if container_id else 0
-
