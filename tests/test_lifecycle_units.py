@@ -108,6 +108,12 @@ class _EngineAnswers500:
 
     prefix = "test"
 
+    def image_present(self, service):
+        return True
+
+    def _info(self, service_id):
+        return ContainerInfo(service_id, "not found")
+
     def start(self, service):
         raise docker.errors.APIError("500 Server Error: engine hiccup")
 
@@ -172,6 +178,9 @@ class _RecordingEngine:
     """Containers that start and stop at once, and a log of what happened in which order."""
 
     prefix = "test"
+
+    def image_present(self, service):
+        return True
 
     def __init__(self, running: set[str]):
         self.running = set(running)
