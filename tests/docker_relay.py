@@ -15,7 +15,7 @@ class DockerRelay:
         self.path = path
         self.target = target
         self.requests_seen = 0  # bytes that looked like the start of an HTTP request
-        self.open_connections = 0  # connections from the proxy not yet closed
+        self.connections: list[dict] = []  # each: "requests" (its request lines) and whether still "open"
         self._listener: socket.socket | None = None
         self._links: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -57,18 +57,19 @@ class DockerRelay:
                 return
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             upstream.connect(self.target)
+            record = {"requests": [], "open": True}
             with self._lock:
                 self._links += [client, upstream]
-                self.open_connections += 1
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+                self.connections.append(record)
+            threading.Thread(target=self._pump, args=(client, upstream, True, record), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, record), daemon=True).start()
 
     def _from_proxy(self, data: bytes) -> None:
         """Sees each piece the proxy sends before it goes on (subclasses may hold it)."""
         if data[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE"):
             self.requests_seen += 1
 
-    def _pump(self, source: socket.socket, sink: socket.socket, from_proxy: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_proxy: bool, record: dict) -> None:
         try:
             while True:
                 data = source.recv(65536)
@@ -76,13 +77,14 @@ class DockerRelay:
                     break
                 if from_proxy:
                     self._from_proxy(data)
+                    if data[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE"):
+                        record["requests"].append(data.split(b"\r\n", 1)[0])
                 sink.sendall(data)
         except OSError:
             pass
         finally:
             if from_proxy:
-                with self._lock:
-                    self.open_connections -= 1
+                record["open"] = False  # the proxy closed it (or the engine did)
             for sock in (source, sink):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)

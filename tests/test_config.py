@@ -905,6 +905,49 @@ def test_invalid_lifecycle_keys_report_exact_lines(text, expected):
     assert errors_of(text) == expected
 
 
+# ---------------------------------------------------------------- image pulls
+
+
+def test_pull_policy_and_registry_auth_default_to_missing_and_none():
+    a = load(service()).services["a"]
+    assert (a.pull_policy, a.registry_auth) == ("missing", None)
+
+
+def test_registry_auth_loads_its_password_is_a_secret_and_stays_out_of_repr():
+    config = load(service("    pull_policy: always\n    registry_auth: {username: '${USER}', password: '${PASSWORD}'}\n"
+                          "  b: {type: llama-cpp-server, image: img, port: 8082, pull_policy: never,\n"
+                          "      registry_auth: {username: bot, password: 'pw literal 1'}}\n"),
+                  USER="robot", PASSWORD="registry-secret-3")
+    a, b = config.services["a"], config.services["b"]
+    assert (a.pull_policy, a.registry_auth.username, a.registry_auth.password) == ("always", "robot",
+                                                                                  "registry-secret-3")
+    assert (b.pull_policy, b.registry_auth.password) == ("never", "pw literal 1")
+    assert {"registry-secret-3", "pw literal 1"} <= config.secrets  # a literal password too
+    assert "registry-secret-3" not in repr(config) and "pw literal" not in repr(config)
+
+
+PULL_FAILURES = {
+    "pull_policy_unknown": (service("    pull_policy: sometimes\n"),
+                            ["config.yaml: services.a.pull_policy: Must be one of: missing, always, never."]),
+    "pull_policy_not_a_string": (service("    pull_policy: [always]\n"),
+                                 ["config.yaml: services.a.pull_policy: Not a valid string."]),
+    "registry_auth_without_password": (
+        service("    registry_auth: {username: u}\n"),
+        ["config.yaml: services.a.registry_auth.password: Missing data for required field."]),
+    "registry_auth_empty_and_unknown": (
+        service("    registry_auth: {username: '', password: p, token: t}\n"),
+        ["config.yaml: services.a.registry_auth.token: Unknown field.",
+         "config.yaml: services.a.registry_auth.username: Shorter than minimum length 1."]),
+    "registry_auth_not_a_mapping": (service("    registry_auth: user:pass\n"),
+                                    ["config.yaml: services.a.registry_auth: Not a valid mapping type."]),
+}
+
+
+@pytest.mark.parametrize("text, expected", PULL_FAILURES.values(), ids=PULL_FAILURES.keys())
+def test_invalid_pull_keys_report_exact_lines(text, expected):
+    assert errors_of(text) == expected
+
+
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 
 
@@ -916,9 +959,11 @@ def _readme_config_examples() -> list[str]:
 def test_readme_configuration_examples_load():
     examples = _readme_config_examples()
     assert len(examples) == 2
-    environ = {"PROXY_ADMIN_TOKEN": "t", "CLIENT_KEY": "k", "HF_TOKEN": "h"}
+    environ = {"PROXY_ADMIN_TOKEN": "t", "CLIENT_KEY": "k", "HF_TOKEN": "h", "REGISTRY_USER": "u",
+               "REGISTRY_PASSWORD": "p"}
     reference = load_config_text(examples[0], environ=environ)
     assert reference.services["llama3"].group == "gpu0" and reference.groups["gpu0"].exclusive
+    assert reference.services["llama3"].pull_policy == "missing" and reference.services["llama3"].registry_auth
     config = load_config_text(examples[1], environ=environ)
     assert config.groups["gpu0"].exclusive
     llama3, qwen = config.services.values()

@@ -103,10 +103,12 @@ def test_a_client_leaving_a_follow_closes_the_docker_stream_within_a_second(engi
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
         client.sendall(b"GET /api/v1/service/llm/logs?follow=true&tail=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         recv_until(client, b"LISTENING 8080")  # the stream runs; the container is silent from now on
+        (log_stream,) = [link for link in relay.connections
+                         if any(b"/logs?" in line and b"follow=1" in line for line in link["requests"])]
         time.sleep(0.5)
-        following = relay.open_connections
+        assert log_stream["open"]
         client.close()
-        wait_until(lambda: relay.open_connections < following, timeout=1.5,
+        wait_until(lambda: not log_stream["open"], timeout=1.0,
                    what="the proxy to close its log stream to the engine")
         assert requests.get(f"{proxy.url}/service/llm/v1/models", timeout=10).status_code == 200
     finally:

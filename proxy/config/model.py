@@ -15,6 +15,7 @@ SERVICE_TYPES = {"llama-cpp-server": {"container_port": 8080, "health_path": "/h
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_MAX_QUEUE = 100  # services.<id>.max_queue when only max_concurrent is set
 MIN_MASKED_LENGTH = 4  # ${VAR} values shorter than this are not masked in the log
+PULL_POLICIES = ("missing", "always", "never")  # as in Compose
 
 
 
@@ -63,6 +64,14 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class RegistryAuth:
+    """Credentials for the registry of a service's image (Docker's auth_config)."""
+
+    username: str
+    password: str = field(repr=False)  # a secret: masked in logs, never shown
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     id: str
     type: str
@@ -89,6 +98,9 @@ class ServiceConfig:
     max_concurrent: int | None = None  # requests in flight to the service (all workers); None: no limit
     max_queue: int | None = None  # requests waiting for a slot; DEFAULT_MAX_QUEUE with max_concurrent
     drain_timeout: float = 60.0  # seconds in-flight requests get before an exclusive swap or idle stop
+    # The image: pull it when missing (missing), on every start (always) or never.
+    pull_policy: str = "missing"
+    registry_auth: RegistryAuth | None = None  # None: the engine's own credentials, if any
 
     def __post_init__(self):
         for name, default in SERVICE_TYPES[self.type].items():
@@ -183,11 +195,12 @@ class Config:
 
     @property
     def secrets(self) -> frozenset[str]:
-        """Values no log line may show: the admin token, the API keys and everything that
-        came from the environment through ${VAR} (but the shortest, which would mask common
-        words and numbers everywhere)."""
+        """Values no log line may show: the admin token, the API keys, the registry passwords
+        and everything that came from the environment through ${VAR} (but the shortest, which
+        would mask common words and numbers everywhere)."""
         values = {value for value in self.expanded_values if len(value) >= MIN_MASKED_LENGTH}
         values.update(self.server.api_keys)
+        values.update(service.registry_auth.password for service in self.services.values() if service.registry_auth)
         if self.server.admin_token:
             values.add(self.server.admin_token)
         return frozenset(values)

@@ -12,7 +12,8 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_l
 from .fields import (ENV_NAME, ENV_NAME_ERROR, GROUP_NAME, GROUP_NAME_ERROR, MODEL_NAME, MODEL_NAME_ERROR,
                      PORT_RANGE, SERVICE_ID, SERVICE_ID_ERROR, UNKNOWN_FIELD, ByteSize, Duration, Gpus, HostName,
                      Int, KeyedDict, LogLevel, ModelNames, Origin, ProxyAddress, Size, Text, Token, VolumeSpec)
-from .model import SERVICE_TYPES, GroupConfig, Resources, ServerConfig, ServiceConfig, Timeouts
+from .model import (PULL_POLICIES, SERVICE_TYPES, GroupConfig, RegistryAuth, Resources, ServerConfig, ServiceConfig,
+                    Timeouts)
 
 class StrictSchema(Schema):
     """Unknown keys are errors; an explicit null in an optional key means "the default"
@@ -53,6 +54,15 @@ class ResourcesSchema(StrictSchema):
         return Resources(**data)
 
 
+class RegistryAuthSchema(StrictSchema):
+    username = Text(required=True, validate=validate.Length(min=1))
+    password = Text(required=True, validate=validate.Length(min=1))
+
+    @post_load
+    def _build(self, data, **kwargs):
+        return RegistryAuth(**data)
+
+
 class ServiceSchema(StrictSchema):
     type = fields.String(required=True, validate=validate.OneOf(list(SERVICE_TYPES)))
     image = fields.String(required=True, validate=validate.Regexp(
@@ -79,6 +89,8 @@ class ServiceSchema(StrictSchema):
     max_concurrent = Int(validate=validate.Range(min=1))
     max_queue = Int(validate=validate.Range(min=0))
     drain_timeout = Duration(validate=validate.Range(min=0))
+    pull_policy = fields.String(validate=validate.OneOf(PULL_POLICIES))
+    registry_auth = fields.Nested(RegistryAuthSchema)
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def _queue_needs_a_limit(self, data, original_data, **kwargs):

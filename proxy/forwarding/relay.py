@@ -25,7 +25,7 @@ from ..errors import (BodyTooLarge, InvalidRequest, ProxyError, TooManyRequests,
 from ..services.lifecycle import ClientLeft
 from .upstream import Exchange, iter_body, response_headers
 
-_LOADING_EVERY = 3.0  # seconds between ": loading" comments to a waiting event stream
+_LOADING_EVERY = 3.0  # seconds between ": loading" (or ": pulling ...") comments to a waiting event stream
 _LOADING = b": loading\n\n"
 # Why a request waiting for its service was refused, by the refusal's code.
 _NOT_READY_REASONS = {"service_not_running": "not_running", "start_timeout": "start_timeout"}
@@ -251,11 +251,11 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
         waiter = gevent.spawn(_admit, runtime, service, exchange, deadline)
         admission = upstream = None
         try:
-            yield _LOADING  # at once: the client sees its request is taken while the model loads
+            yield _waiting(runtime, service)  # at once: the client sees its request is taken
             while not waiter.ready():
                 waiter.join(_LOADING_EVERY)
                 if not waiter.ready():
-                    yield _LOADING
+                    yield _waiting(runtime, service)
             try:
                 admission = waiter.get()
                 if admission is None:
@@ -283,6 +283,24 @@ def _loading_stream(runtime, service: ServiceConfig, outgoing: Outgoing, exchang
     response.headers["X-Accel-Buffering"] = "no"
     exchange.responding = True
     return response
+
+
+def _waiting(runtime, service: ServiceConfig) -> bytes:
+    """The keep-alive comment while a stream waits: how far the image pull has come, or loading."""
+    progress = runtime.lifecycle.status(service, probe_health=False).progress
+    return _LOADING if progress is None else pulling_comment(service.image, progress)
+
+
+def pulling_comment(image: str, progress: dict) -> bytes:
+    """``: pulling <image> 45% (1.2 of 2.7 GB)``; before a size is known, the layers."""
+    text = f": pulling {image}"
+    if progress["percent"] is not None:
+        unit, name = (1e9, "GB") if progress["bytes_total"] >= 1e9 else (1e6, "MB")
+        text += (f" {progress['percent']:.0f}% ({progress['bytes_done'] / unit:.1f} of "
+                 f"{progress['bytes_total'] / unit:.1f} {name})")
+    elif progress["layers_total"]:
+        text += f" ({progress['layers_done']} of {progress['layers_total']} layers)"
+    return text.encode() + b"\n\n"
 
 
 def _error_event(payload: dict) -> bytes:

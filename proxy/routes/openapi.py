@@ -168,7 +168,7 @@ WAIT = {
 
 TIMEOUT = {
     "name": "timeout", "in": "query", "required": False,
-    "description": "With wait=true: seconds to wait for ready before answering 504.",
+    "description": "With wait=true: seconds to wait for ready (an image pull included) before answering 504.",
     "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 3600, "default": 300},
 }
 
@@ -268,7 +268,8 @@ def _paths() -> dict:
                     "wait=true: the container runs and health_path answers 200."),
                 "202": _json({"allOf": [{"$ref": "#/components/schemas/ContainerStatus"}, {
                     "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}]},
-                    "Under way (creating, or waiting for a swap's drain or a stop); not waited for."),
+                    "Under way (pulling its image, creating, or waiting for a swap's drain or a stop); not "
+                    "waited for."),
                 "400": _error(400, {"invalid_parameter": "bad wait or timeout", **_HOST_NOT_ALLOWED}),
                 "404": _UNKNOWN_SERVICE,
                 "409": _error(409, {"already_running": "already running or being started",

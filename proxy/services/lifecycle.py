@@ -24,9 +24,9 @@ from ..errors import (AlreadyRunning, DockerUnavailable, ProxyError, ServiceNotR
 from ..masking import masker
 from ..metrics.families import observe_start_stage, record_start, record_swap
 from ..forwarding.upstream import UpstreamPool
-from ..shared.coordinator import PHASE_NONE, PHASE_STARTING, PHASE_STOPPING, Coordinator
+from ..shared.coordinator import PHASE_NONE, PHASE_PULLING, PHASE_STARTING, PHASE_STOPPING, Coordinator
 from .container_states import ContainerStates
-from .engine import ContainerInfo, Containers
+from .engine import ContainerInfo, Containers, Progress
 from .engine.spec import check_volume_sources
 from .readiness import probe, wait_ready
 from .states import (FAILED, PULLING, READY, STARTING, STOPPED, STOPPING, REASONS, Observed, can_move, derive,
@@ -35,7 +35,7 @@ from .states import (FAILED, PULLING, READY, STARTING, STOPPED, STOPPING, REASON
 _WAIT_STEP = 0.25          # seconds between looks while another worker starts or stops a service
 _CREATE_RACE_GRACE = 10.0  # seconds another worker's container may take to appear after its create began
 _LOG_LINES = 30            # the log tail an error carries
-_PHASES = {PHASE_STARTING: STARTING, PHASE_STOPPING: STOPPING}
+_PHASES = {PHASE_STARTING: STARTING, PHASE_PULLING: PULLING, PHASE_STOPPING: STOPPING}
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class Lifecycle:
                         healthy=self._healthy(service, info, probe_health),
                         failure=reason_of(self.coordinator.failure(service.id)[0]))
         state, reason = derive(seen)
-        return Status(state, reason, info)
+        progress = Progress(*self.coordinator.progress(service.id)).as_dict() if state == PULLING else None
+        return Status(state, reason, info, progress)
 
     def check_health(self, service: ServiceConfig) -> bool:
         """Probe a running container that no start is watching (started with the docker CLI,
@@ -116,7 +117,7 @@ class Lifecycle:
         return self._phase(self.config.services[service_id]) == STOPPING
 
     def _phase(self, service: ServiceConfig) -> str | None:
-        """STARTING or STOPPING while a live worker does that, else None."""
+        """PULLING, STARTING or STOPPING while a live worker does that, else None."""
         info = self.coordinator.phase_info(service.id)
         if info.phase == PHASE_NONE or not info.owner_alive:
             return None
@@ -245,7 +246,7 @@ class Lifecycle:
         job = self._jobs.get(service.id)
         if job is not None and not job.result.ready():
             return job
-        if self._phase(service) == STARTING:
+        if self._phase(service) in (STARTING, PULLING):
             return None
         job = StartJob()
         self._jobs[service.id] = job
@@ -276,7 +277,8 @@ class Lifecycle:
         self._claim(service, PHASE_STARTING, job)
         try:
             self.coordinator.set_failure(service.id, 0)
-            began = time.monotonic()
+            self._pull_if_needed(service, job)  # before a swap: the running member serves meanwhile
+            began = time.monotonic()  # start_timeout counts from here: a pull may take far longer
             token = self._make_room(service, job)
             try:
                 if self.coordinator.phase(service.id) != PHASE_STARTING:  # a stop came meanwhile
@@ -301,7 +303,35 @@ class Lifecycle:
                     self.coordinator.unlock_group(service.group, token)
             return self._settle(service, outcome, info)
         finally:
-            self.coordinator.set_phase(service.id, PHASE_NONE, expect=PHASE_STARTING)
+            if not self.coordinator.set_phase(service.id, PHASE_NONE, expect=PHASE_STARTING):
+                self.coordinator.set_phase(service.id, PHASE_NONE, expect=PHASE_PULLING)  # the pull failed
+
+    def _pull_if_needed(self, service: ServiceConfig, job: StartJob) -> None:
+        """Pull the service's image as its pull_policy says, in the PULLING phase, with its
+        progress in the coordinator for every worker to report."""
+        if self.states.get(service.id).running:
+            return  # another worker's start made it meanwhile: nothing to pull for
+        if service.pull_policy != "always" and self.containers.image_present(service):
+            return
+        if service.pull_policy == "never":
+            raise StartFailed(f"Image '{service.image}' is not on this Docker host and pull_policy is never",
+                              code="image_unavailable", service_id=service.id,
+                              hint=f"Pull or build it, or set services.{service.id}.pull_policy to missing")
+        if not self.coordinator.set_phase(service.id, PHASE_PULLING, expect=PHASE_STARTING):
+            raise ServiceStopping(f"Service '{service.id}' was stopped before it started", service_id=service.id)
+        self.coordinator.set_progress(service.id, 0, 0, 0, 0)
+
+        def on_progress(progress: Progress) -> None:
+            self.coordinator.set_progress(service.id, *progress)
+            job.accepted.set()  # the engine took the pull: the admin API may answer now
+
+        began = time.monotonic()
+        pulled = self.containers.pull(service, on_progress,
+                                      keep_going=lambda: self.coordinator.phase(service.id) == PHASE_PULLING)
+        if not pulled or not self.coordinator.set_phase(service.id, PHASE_STARTING, expect=PHASE_PULLING):
+            raise ServiceStopping(f"Service '{service.id}' was stopped while its image was pulled",
+                                  service_id=service.id)
+        observe_start_stage(service.id, "pull", time.monotonic() - began)
 
     def _claim(self, service: ServiceConfig, phase: int, job: StartJob | None = None) -> None:
         """Take the service's phase; wait while another worker stops it."""
@@ -335,7 +365,7 @@ class Lifecycle:
             while info.status == "not found" and time.monotonic() < deadline:
                 gevent.sleep(0.05)
                 info = self.containers.inspect(service)
-            return info, False
+            return info
         except ProxyError:
             record_start(service.id, "failed")
             raise

@@ -20,7 +20,7 @@ Layout and rules
   admission is rejected, and at most every ``REAP_INTERVAL`` s while requests wait in the
   queue. A check is one ``kill(pid, 0)`` per row once the row's start time was verified.
 - Per service (not per row): the next queue ticket, the phase with its writer and time,
-  the time of the latest activity. Per group: the swap lock owner (pid, birth, token) and
+  the time of the latest activity, and an image pull's progress (four numbers). Per group: the swap lock owner (pid, birth, token) and
   the time it was taken or renewed.
 - Anything that must be atomic across processes (every admission, queue moves, phases,
   group locks, claiming and freeing rows, reading totals) runs under one lock: a POSIX record
@@ -62,6 +62,7 @@ _LOCK_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
 PHASE_NONE = 0
 PHASE_STOPPING = 1
 PHASE_STARTING = 2
+PHASE_PULLING = 3  # a start pulling its image, before the container is made
 
 class CoordinatorFull(RuntimeError):
     """More live processes use the coordinator than it has rows (``max_workers``)."""
@@ -124,7 +125,8 @@ class Coordinator:
         self._phase_birth = self._phase_pid + services
         self._ready = self._phase_birth + services  # token of the container that answered healthy
         self._failure = self._ready + services  # why the last start failed (a code, 0: it did not)
-        self._group = self._failure + services  # pid, birth, token per group
+        self._progress = self._failure + services  # a pull's layers done/total, bytes done/total per service
+        self._group = self._progress + 4 * services  # pid, birth, token per group
         ints = self._group + 3 * groups
         # float64 layout
         self._activity = 0  # time.time() per service
@@ -338,6 +340,25 @@ class Coordinator:
         try:
             self._float[self._failed_at + s] = time.time()
             self._int[self._failure + s] = code
+        finally:
+            self._unlock()
+
+    def progress(self, service_id: str) -> tuple[int, int, int, int]:
+        """The last ``set_progress`` of the service's image pull: (layers done, layers total,
+        bytes done, bytes total)."""
+        at = self._progress + 4 * self._services[service_id]
+        self._lock()  # the four together, never half of an update
+        try:
+            return tuple(self._int[at:at + 4])
+        finally:
+            self._unlock()
+
+    def set_progress(self, service_id: str, layers_done: int, layers_total: int, bytes_done: int,
+                     bytes_total: int) -> None:
+        at = self._progress + 4 * self._services[service_id]
+        self._lock()
+        try:
+            self._int[at:at + 4] = array.array("q", (layers_done, layers_total, bytes_done, bytes_total))
         finally:
             self._unlock()
 

@@ -16,8 +16,10 @@ from loguru import logger
 
 from ...config import ServiceConfig
 from ...errors import AlreadyRunning, DockerUnavailable, NameConflict, StartFailed, StopFailed
+from .pulls import Progress, pull_image
 from .spec import (LABEL_INSTANCE, ContainerInfo, age_seconds, check_volume_sources, create_arguments, hint_for,
                    info_of, is_ours, labels)
+from .spec import explanation as _explanation
 
 # Container events that can change what we report; exec_*, attach, health checks cannot.
 _STATE_ACTIONS = frozenset({"create", "start", "restart", "die", "stop", "kill", "pause",
@@ -165,7 +167,7 @@ class Containers:
     # -- acting -------------------------------------------------------------------------
 
     def start(self, service: ServiceConfig) -> ContainerInfo:
-        """Create and start the service's container (pulling its image when missing).
+        """Create and start the service's container (its image must be here: see ``pull``).
 
         Raises:
             AlreadyRunning: ours, and running or being started by someone else.
@@ -212,27 +214,23 @@ class Containers:
         self._remove_quietly(existing)
 
     def _create(self, service: ServiceConfig):
-        """Create the container; APIError (but ImageNotFound) is left to the caller."""
+        """Create the container; APIError (ImageNotFound too: pulls are the lifecycle's) is
+        left to the caller."""
         kwargs = create_arguments(self.prefix, service)
-        try:
-            return self._call(lambda: self.client.containers.create(**kwargs), service, keep_api_errors=True)
-        except docker.errors.ImageNotFound:
-            self._pull(service)
-            return self._call(lambda: self.client.containers.create(**kwargs), service, keep_api_errors=True)
+        return self._call(lambda: self.client.containers.create(**kwargs), service, keep_api_errors=True)
 
-    def _pull(self, service: ServiceConfig) -> None:
-        logger.info("image {} not found locally; pulling it", service.image)
+    def image_present(self, service: ServiceConfig) -> bool:
+        """Whether the service's image is on this Docker host."""
         try:
-            self.client.images.pull(service.image)
-        except (requests.ConnectionError, requests.Timeout):
-            raise DockerUnavailable("The Docker engine is not reachable", service_id=service.id,
-                                    hint=_UNREACHABLE_HINT) from None
-        except docker.errors.DockerException as exc:
-            message = _explanation(exc)
-            logger.error("pulling image {} failed: {}", service.image, message)
-            raise StartFailed(f"Image '{service.image}' is not on this Docker host and pulling it failed: {message}",
-                              service_id=service.id, code="image_unavailable",
-                              hint=hint_for("no such image", service)) from None
+            self._call(lambda: self.client.api.inspect_image(service.image), service)
+        except docker.errors.NotFound:
+            return False
+        return True
+
+    def pull(self, service: ServiceConfig, on_progress: Callable[[Progress], None],
+             keep_going: Callable[[], bool]) -> bool:
+        """Pull the service's image with its progress (see ``pulls.pull_image``)."""
+        return pull_image(self.client, service, on_progress, keep_going)
 
     def _start_failed(self, service: ServiceConfig, exc: docker.errors.APIError, step: str) -> StartFailed:
         message = _explanation(exc)
@@ -318,7 +316,3 @@ class LogStream:
         except (OSError, AttributeError, docker.errors.DockerException):
             pass  # already closed by the engine's side
 
-
-def _explanation(exc: BaseException) -> str:
-    message = getattr(exc, "explanation", None) or str(exc)
-    return message.decode(errors="replace") if isinstance(message, bytes) else message

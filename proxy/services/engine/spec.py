@@ -136,6 +136,21 @@ def hint_for(message: str, service: ServiceConfig) -> str:
     return "Docker refused the container; its message says why"
 
 
+def pull_hint(message: str, service: ServiceConfig) -> str:
+    """A plain next step after a failed pull: the credentials, or the image itself."""
+    text = message.lower()
+    if "unauthorized" in text or "authentication required" in text or "no basic auth credentials" in text:
+        return (f"The registry refused to serve image '{service.image}' without valid credentials: set or fix "
+                f"services.{service.id}.registry_auth")
+    return hint_for("no such image", service)
+
+
+def explanation(exc: BaseException) -> str:
+    """Docker's own words for an error."""
+    message = getattr(exc, "explanation", None) or str(exc)
+    return message.decode(errors="replace") if isinstance(message, bytes) else message
+
+
 def _docker_time(value: str | None) -> str | None:
     if not value or value.startswith("0001-01-01"):
         return None  # Docker's zero time: never started
