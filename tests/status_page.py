@@ -28,6 +28,18 @@ new MutationObserver(() => {
 """
 
 
+# Each value the pull bars showed (null: not known yet).
+RECORD_PROGRESS = """() => {
+  window.__progress = [];
+  new MutationObserver(() => {
+    for (const bar of document.querySelectorAll("li.card progress")) {
+      const value = bar.hasAttribute("value") ? bar.value : null;
+      if (value !== window.__progress.at(-1)) window.__progress.push(value);
+    }
+  }).observe(document.getElementById("services"), {subtree: true, childList: true, characterData: true,
+                                                    attributes: true});
+}"""
+
 # The page's own log panel, fed a body of `count` lines, then `more` while paused; what it
 # kept and showed at each step.
 LOG_PANEL = r"""async ([count, more]) => {

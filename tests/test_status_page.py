@@ -13,6 +13,7 @@ import re
 import signal
 import time
 
+import docker
 import pytest
 import requests
 import yaml
@@ -20,7 +21,8 @@ from playwright.sync_api import expect
 
 from conftest import ROOT, free_port, service_entry
 from engine_api import api, containers_of, start_ready
-from status_page import LOG_PANEL, StatusPage
+from registry import Registry, RegistryRelay, push_fresh_image
+from status_page import LOG_PANEL, RECORD_PROGRESS, StatusPage
 
 BACKEND_ARGS = ["--host", "0.0.0.0", "--port", "8080"]
 TOKEN = "page-admin-token-51c2"
@@ -103,6 +105,45 @@ def test_a_failed_start_shows_its_reason_exit_code_and_log_tail(engine_proxy, pa
     expect(failure.locator(".failure-reason")).to_contain_text("exit code 2")
     expect(failure.locator(".log-tail")).to_contain_text("invalid int value: 'not-a-number'", timeout=10_000)
     expect(ui.button("Start broken")).to_be_enabled()  # it may be tried again
+    assert ui.errors_but() == []
+
+
+@pytest.fixture
+def image_to_pull(tmp_path, docker_client, container_prefix):
+    """An image no Docker host has yet (the test image and 8 random MB), in a real registry
+    (tests/registry.py) behind a relay that hands it out at 2 MB a second: about 4 s of pull."""
+    registry = Registry(tmp_path / "registry")
+    relay = RegistryRelay(registry.port)
+    relay.rate = 2 << 20
+    _, tag, _ = push_fresh_image(docker_client, registry, size_mb=8)
+    reference = f"{relay.host}/ipt/backend:{tag}"
+    yield reference
+    for found in containers_of(docker_client, container_prefix):
+        found.remove(force=True)  # before the image it uses
+    try:
+        docker_client.images.remove(reference, force=True)
+    except docker.errors.ImageNotFound:
+        pass  # never pulled: the test failed before
+    relay.stop()
+    registry.stop()
+
+
+@pytest.mark.engine
+def test_a_pulling_service_shows_its_progress_as_a_bar_then_starts(engine_proxy, image_to_pull, page):
+    proxy = engine_proxy({"pulled": service_entry(free_port(), image=image_to_pull)})
+    ui = StatusPage(page, proxy).open()
+    ui.expect_live()
+    page.evaluate(RECORD_PROGRESS)
+    ui.button("Start pulled").click()
+    ui.expect_state("pulled", "pulling", timeout=10)
+    card = ui.card("pulled")
+    expect(card.locator('[data-field="progress"]')).to_be_visible()
+    expect(card.locator(".progress-text")).to_contain_text(re.compile(r"layers \d+/\d+ · .* of .* · \d+%"))
+    ui.expect_state("pulled", "ready", timeout=60)
+    expect(card.locator('[data-field="progress"]')).to_be_hidden()
+    values = [value for value in page.evaluate("window.__progress") if value is not None]
+    assert len(set(values)) >= 2 and values == sorted(values), values  # the bar moved on, never back
+    assert [state for state, _ in ui.states("pulled")] == ["stopped", "pulling", "starting", "ready"]
     assert ui.errors_but() == []
 
 
