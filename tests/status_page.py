@@ -7,10 +7,18 @@ from pathlib import Path
 
 from playwright.sync_api import expect
 
-from conftest import ROOT
+from conftest import ROOT, service_entry
 
 # Set to a directory (say, docs) to write the screenshots there too, for the README.
 SCREENSHOT_DIR = os.environ.get("STATUS_PAGE_SCREENSHOTS")
+BACKEND_ARGS = ["--host", "0.0.0.0", "--port", "8080"]
+UNAUTHORIZED = r"status of 401"  # the browser's own console line for a 401 answer
+
+
+def slow_start(port: int, **overrides) -> dict:
+    """The test image, healthy only after 2 s: long enough to see it starting."""
+    return service_entry(port, args=[*BACKEND_ARGS, "--load-seconds", "2"], **overrides)
+
 
 # Each badge's changes, with the browser's clock: [service id, state, epoch ms].
 RECORD_STATES = """
@@ -27,6 +35,26 @@ new MutationObserver(() => {
 }).observe(document, {subtree: true, childList: true, characterData: true, attributes: true});
 """
 
+
+# Each text the playground's answer had, as it grew.
+RECORD_ANSWER = """() => {
+  const answer = document.getElementById("playground-answer");
+  window.__answers = [];
+  new MutationObserver(() => window.__answers.push(answer.textContent))
+      .observe(answer, {childList: true, characterData: true, subtree: true});
+}"""
+
+# Each value the pull bars showed (null: not known yet).
+RECORD_PROGRESS = """() => {
+  window.__progress = [];
+  new MutationObserver(() => {
+    for (const bar of document.querySelectorAll("li.card progress")) {
+      const value = bar.hasAttribute("value") ? bar.value : null;
+      if (value !== window.__progress.at(-1)) window.__progress.push(value);
+    }
+  }).observe(document.getElementById("services"), {subtree: true, childList: true, characterData: true,
+                                                    attributes: true});
+}"""
 
 # The page's own log panel, fed a body of `count` lines, then `more` while paused; what it
 # kept and showed at each step.
