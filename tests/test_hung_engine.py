@@ -99,7 +99,10 @@ def test_admin_calls_in_the_first_second_of_a_hang_answer_within_3_s_and_change_
     problems = [problem for name, (answer, seconds) in answers.items() if (problem := late(name, answer, seconds))]
     assert not problems, "late answers while the engine hung:\n" + "\n".join(problems)
     assert answers["status"][0].json()["state"] == "ready"
-    assert [s["state"] for s in answers["services"][0].json()["services"]] == ["ready", "stopped", "stopped"]
+    # The others are stopped, or, caught in the moment a start sent alongside was being given
+    # up, starting: the list is read at the same time as those calls.
+    listed = [s["state"] for s in answers["services"][0].json()["services"]]
+    assert listed[0] == "ready" and set(listed[1:]) <= {"stopped", "starting"}, listed
     docker_unavailable(answers["stop"][0], "llm")
     docker_unavailable(answers["start"][0], "other")
     docker_unavailable(answers["start and wait"][0], "spare")
